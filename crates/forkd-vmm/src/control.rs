@@ -1,0 +1,135 @@
+//! The VMM control protocol: one JSON request line, one JSON response line, per connection on
+//! the sandbox's control socket. Used by the launcher (status, shutdown) and by BRANCH.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// Report state and counters.
+    Status,
+    /// Park every vCPU.
+    Pause,
+    /// Let parked vCPUs run again.
+    Resume,
+    /// Stop the VM and exit the VMM process.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ControlResponse {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<VmStatus>,
+}
+
+impl ControlResponse {
+    pub fn ok() -> Self {
+        Self { ok: true, error: None, status: None }
+    }
+    pub fn error(msg: impl Into<String>) -> Self {
+        Self { ok: false, error: Some(msg.into()), status: None }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmStatus {
+    pub pid: u32,
+    pub state: String,
+    pub uptime_ms: u64,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub cpu_profile: String,
+    /// Instructions the VMM completed for the host's KVM, by mnemonic.
+    pub emulated: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach VMM control socket {path}: {source}")]
+    Connect { path: String, source: std::io::Error },
+    #[error("VMM control socket I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("VMM sent an invalid response: {0}")]
+    Protocol(String),
+    #[error("VMM refused the request: {0}")]
+    Refused(String),
+}
+
+/// Sends one request and waits for its response.
+pub fn request(socket: &Path, req: &ControlRequest, timeout: Duration) -> Result<ControlResponse, ControlError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect { path: socket.display().to_string(), source })?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_string(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    let mut resp = String::new();
+    reader.read_line(&mut resp)?;
+    if resp.is_empty() {
+        return Err(ControlError::Protocol("connection closed without a response".into()));
+    }
+    let resp: ControlResponse = serde_json::from_str(&resp).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    match (&resp.ok, &resp.error) {
+        (false, Some(e)) => Err(ControlError::Refused(e.clone())),
+        (false, None) => Err(ControlError::Refused("unspecified error".into())),
+        _ => Ok(resp),
+    }
+}
+
+/// Reads one request from a freshly accepted connection (bounded in size and time, so a stuck
+/// or hostile client cannot stall the VMM's event loop for long).
+pub fn read_request(stream: &UnixStream) -> Result<ControlRequest, String> {
+    stream.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    let mut reader = BufReader::new(std::io::Read::take(stream, 64 * 1024));
+    reader.read_line(&mut line).map_err(|e| format!("reading request: {e}"))?;
+    serde_json::from_str(line.trim()).map_err(|e| format!("invalid request: {e}"))
+}
+
+/// Writes one response line.
+pub fn write_response(mut stream: &UnixStream, resp: &ControlResponse) {
+    if let Ok(mut line) = serde_json::to_string(resp) {
+        line.push('\n');
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+        let _ = stream.write_all(line.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_tagged_json() {
+        let json = serde_json::to_string(&ControlRequest::Status).unwrap();
+        assert_eq!(json, r#"{"cmd":"status"}"#);
+        let back: ControlRequest = serde_json::from_str(r#"{"cmd":"shutdown"}"#).unwrap();
+        assert_eq!(back, ControlRequest::Shutdown);
+        assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn client_and_server_halves_talk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let req = read_request(&s).unwrap();
+            assert_eq!(req, ControlRequest::Pause);
+            write_response(&s, &ControlResponse::error("not now"));
+        });
+        let err = request(&path, &ControlRequest::Pause, Duration::from_secs(2)).unwrap_err();
+        assert!(matches!(err, ControlError::Refused(ref m) if m == "not now"));
+        server.join().unwrap();
+    }
+}

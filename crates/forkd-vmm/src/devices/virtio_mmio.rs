@@ -1,0 +1,1 @@
+//! Attaching `forkd-virtio` transports to the MMIO bus (filled in once the crate lands).

@@ -1,0 +1,152 @@
+//! The VMM process's main loop: one thread multiplexing the control socket, guest-exit
+//! notifications and device backends with epoll (event-manager), while vCPU threads run.
+//!
+//! Requests are parsed by the control subscriber but executed here, with full access to the
+//! machine: that keeps every state change on one thread, which BRANCH relies on (the forking
+//! thread is the only thread that is not parked).
+
+use crate::control::{self, ControlRequest, ControlResponse, VmStatus};
+use crate::machine::Machine;
+use crate::vcpu::GuestExit;
+use crate::{VmConfig, VmmError};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vmm_sys_util::epoll::EventSet;
+
+/// A subscriber as the event loop stores it.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+type Pending = Arc<Mutex<VecDeque<(UnixStream, ControlRequest)>>>;
+
+/// Accepts control connections and queues their requests for the main loop.
+struct ControlListener {
+    listener: UnixListener,
+    pending: Pending,
+}
+
+impl MutEventSubscriber for ControlListener {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            // Accepted sockets inherit non-blocking mode; requests are read with a timeout.
+            let _ = stream.set_nonblocking(false);
+            match control::read_request(&stream) {
+                Ok(req) => crate::bus::lock(&self.pending).push_back((stream, req)),
+                Err(e) => control::write_response(&stream, &ControlResponse::error(e)),
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            tracing::error!("cannot watch the control socket: {e:?}");
+        }
+    }
+}
+
+/// Wakes the loop when a vCPU reports that the guest stopped.
+struct ExitWatcher {
+    control: Arc<crate::vcpu::RunControl>,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.control.exit_event().read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let fd = self.control.exit_event().as_raw_fd();
+        if let Err(e) = ops.add(Events::with_data_raw(fd, 0, EventSet::IN)) {
+            tracing::error!("cannot watch the guest exit event: {e:?}");
+        }
+    }
+}
+
+/// How the VM ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Stopped on request (control `shutdown`) or the guest powered off / reset.
+    Stopped(String),
+    /// The guest died in a way the VMM reports as an error.
+    Crashed(String),
+}
+
+/// Boots `config` and serves it until the VM ends.
+pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| VmmError::Io { what, source }
+    };
+    let _ = std::fs::remove_file(&config.control_socket);
+    let listener = UnixListener::bind(&config.control_socket).map_err(io(&format!("binding control socket {}", config.control_socket.display())))?;
+    listener.set_nonblocking(true).map_err(io("control socket"))?;
+
+    let started = Instant::now();
+    let machine = Machine::boot(config)?;
+    tracing::info!("booted in {:?}", started.elapsed());
+
+    let mut manager: EventManager<Subscriber> = EventManager::new().map_err(|e| VmmError::Io { what: format!("event loop: {e:?}"), source: std::io::Error::other("epoll") })?;
+    let pending: Pending = Arc::default();
+    manager.add_subscriber(Arc::new(Mutex::new(ControlListener { listener, pending: pending.clone() })));
+    manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher { control: machine.control.clone() })));
+
+    let mut paused = false;
+    let outcome = loop {
+        if let Err(e) = manager.run_with_timeout(1000) {
+            tracing::warn!("event loop: {e:?}");
+        }
+        if let Some(exit) = machine.control.take_exit() {
+            break match exit {
+                GuestExit::Shutdown(why) => Outcome::Stopped(why),
+                GuestExit::Fatal(why) => Outcome::Crashed(why),
+            };
+        }
+        let requests: Vec<_> = crate::bus::lock(&pending).drain(..).collect();
+        let mut stop = None;
+        for (stream, req) in requests {
+            let resp = match req {
+                ControlRequest::Status => ControlResponse {
+                    status: Some(status(config, &machine, started, paused)),
+                    ..ControlResponse::ok()
+                },
+                ControlRequest::Pause => {
+                    machine.vcpus.park();
+                    paused = true;
+                    ControlResponse::ok()
+                }
+                ControlRequest::Resume => {
+                    machine.vcpus.resume();
+                    paused = false;
+                    ControlResponse::ok()
+                }
+                ControlRequest::Shutdown => {
+                    stop = Some(Outcome::Stopped("shutdown requested".into()));
+                    ControlResponse::ok()
+                }
+            };
+            control::write_response(&stream, &resp);
+        }
+        if let Some(outcome) = stop {
+            break outcome;
+        }
+    };
+    crate::bus::lock(&machine.serial).flush();
+    machine.vcpus.stop();
+    let _ = std::fs::remove_file(&config.control_socket);
+    Ok(outcome)
+}
+
+fn status(config: &VmConfig, machine: &Machine, started: Instant, paused: bool) -> VmStatus {
+    VmStatus {
+        pid: std::process::id(),
+        state: if paused { "paused" } else { "running" }.into(),
+        uptime_ms: started.elapsed().as_millis() as u64,
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+        cpu_profile: format!("{:?}", machine.profile).to_lowercase(),
+        emulated: crate::emulate::counts().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+    }
+}

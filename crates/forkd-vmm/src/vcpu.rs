@@ -1,0 +1,372 @@
+//! vCPU threads: setup, the `KVM_RUN` loop, exit dispatch, and parking.
+//!
+//! Parking is how the rest of the VMM gets a quiescent guest (for pause, shutdown and BRANCH):
+//! the controller sets the desired state and kicks every vCPU with a signal whose handler sets
+//! `kvm_run.immediate_exit`, so a kick can never be lost between the state check and `KVM_RUN`.
+
+use crate::arch::{cpuid, regs};
+use crate::bus::Bus;
+use crate::emulate::{self, EmulationFailure};
+use crate::memory::GuestMemory;
+use kvm_bindings::{kvm_run, CpuId};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use vmm_sys_util::eventfd::EventFd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("creating vCPU {id}: {source}")]
+    Create { id: u8, source: kvm_ioctls::Error },
+    #[error("configuring vCPU {id} ({what}): {source}")]
+    Configure { id: u8, what: &'static str, source: kvm_ioctls::Error },
+    #[error("spawning vCPU thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("installing the vCPU kick signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Why the guest stopped running, as reported to the VMM's main loop.
+#[derive(Debug, Clone)]
+pub enum GuestExit {
+    /// The guest asked to power off or reboot (keyboard-controller reset, KVM system event).
+    Shutdown(String),
+    /// The guest crashed or hit something the VMM cannot handle.
+    Fatal(String),
+}
+
+/// What the controller wants the vCPUs to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Desired {
+    Run,
+    Park,
+    Exit,
+}
+
+#[derive(Debug)]
+struct ControlState {
+    desired: Desired,
+    /// Bumped on every request so parked vCPUs can tell a new request from a spurious wakeup.
+    generation: u64,
+    parked: usize,
+    exited: usize,
+}
+
+/// Shared between the VMM's control thread and all vCPU threads.
+#[derive(Debug)]
+pub struct RunControl {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+    /// Set once by the first vCPU that stops the guest; the main loop reads it.
+    exit: Mutex<Option<GuestExit>>,
+    exit_event: EventFd,
+}
+
+impl RunControl {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            state: Mutex::new(ControlState { desired: Desired::Run, generation: 0, parked: 0, exited: 0 }),
+            changed: Condvar::new(),
+            exit: Mutex::new(None),
+            exit_event: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Readable when the guest has stopped on its own (see `take_exit`).
+    pub fn exit_event(&self) -> &EventFd {
+        &self.exit_event
+    }
+
+    pub fn take_exit(&self) -> Option<GuestExit> {
+        crate::bus::lock(&self.exit).take()
+    }
+
+    fn report_exit(&self, exit: GuestExit) {
+        let mut slot = crate::bus::lock(&self.exit);
+        if slot.is_none() {
+            *slot = Some(exit);
+            let _ = self.exit_event.write(1);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        crate::bus::lock(&self.state)
+    }
+}
+
+thread_local! {
+    /// This thread's `kvm_run` page, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int) {
+    KVM_RUN.with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's own live kvm_run mapping (set before the
+            // first KVM_RUN, cleared before the VcpuFd is dropped); a byte store is signal-safe.
+            unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+        }
+    });
+}
+
+/// The real-time signal used to kick vCPUs out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+/// Installs the kick handler (process-wide; idempotent).
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    // SAFETY: a zeroed sigaction with a plain handler and no flags is a valid argument.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = kick_handler as *const () as usize;
+    // SAFETY: installing a handler that only does an async-signal-safe volatile store.
+    let rc = unsafe { libc::sigaction(kick_signal(), &action, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(VcpuError::Signal(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Everything a vCPU thread needs besides its fd.
+#[derive(Clone)]
+pub struct VcpuContext {
+    pub io_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    pub memory: GuestMemory,
+    pub control: Arc<RunControl>,
+    /// Optional `System.map` for naming guest code addresses in errors.
+    pub symbols: Option<Arc<emulate::Symbols>>,
+}
+
+/// A configured vCPU, ready to run on its own thread.
+pub struct Vcpu {
+    pub id: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    pub fn create(vm: &VmFd, id: u8) -> Result<Self, VcpuError> {
+        let fd = vm.create_vcpu(id as u64).map_err(|source| VcpuError::Create { id, source })?;
+        Ok(Self { id, fd })
+    }
+
+    /// Programs CPUID, MSRs and the boot register state for a fresh boot.
+    pub fn configure_boot(&self, supported: &CpuId, count: u8, profile: cpuid::CpuProfile, entry: u64) -> Result<(), VcpuError> {
+        let id = self.id;
+        let err = |what| move |source| VcpuError::Configure { id, what, source };
+        let cpuid = cpuid::guest_cpuid(supported, id, count, profile);
+        self.fd.set_cpuid2(&cpuid).map_err(err("cpuid"))?;
+        let msrs = regs::boot_msrs();
+        let written = self.fd.set_msrs(&msrs).map_err(err("msrs"))?;
+        if written != msrs.as_slice().len() {
+            let failed = msrs.as_slice().get(written).map(|e| e.index).unwrap_or(0);
+            tracing::warn!("vCPU {id}: KVM refused boot MSR {failed:#x}; continuing without it");
+        }
+        let sregs = self.fd.get_sregs().map_err(err("get sregs"))?;
+        self.fd.set_sregs(&regs::boot_sregs(sregs)).map_err(err("sregs"))?;
+        self.fd.set_fpu(&regs::boot_fpu()).map_err(err("fpu"))?;
+        // Only the boot processor starts at the kernel entry; the others wait for INIT/SIPI.
+        if id == 0 {
+            self.fd.set_regs(&regs::boot_regs(entry)).map_err(err("regs"))?;
+        }
+        let lapic = self.fd.get_lapic().map_err(err("get lapic"))?;
+        self.fd.set_lapic(&regs::boot_lapic(lapic)).map_err(err("lapic"))?;
+        Ok(())
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Starts the run loop on a new thread.
+    pub fn spawn(self, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
+        let id = self.id;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || self.run_loop(ctx))
+            .map_err(VcpuError::Spawn)?;
+        Ok(VcpuHandle { id, thread })
+    }
+
+    fn run_loop(mut self, ctx: VcpuContext) {
+        KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let mut seen_generation = 0;
+        loop {
+            // Honour park/exit requests before (re-)entering the guest.
+            {
+                let mut st = ctx.control.lock();
+                if st.desired != Desired::Run || st.generation != seen_generation {
+                    seen_generation = st.generation;
+                    if st.desired == Desired::Park {
+                        st.parked += 1;
+                        ctx.control.changed.notify_all();
+                        while st.desired == Desired::Park {
+                            st = ctx.control.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                        }
+                        st.parked -= 1;
+                        seen_generation = st.generation;
+                    }
+                    if st.desired == Desired::Exit {
+                        st.exited += 1;
+                        ctx.control.changed.notify_all();
+                        break;
+                    }
+                }
+            }
+            if let Some(exit) = self.run_once(&ctx) {
+                ctx.control.report_exit(exit);
+                let mut st = ctx.control.lock();
+                st.exited += 1;
+                ctx.control.changed.notify_all();
+                break;
+            }
+        }
+        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+    }
+
+    /// Runs the guest until one exit is handled. `Some` means the guest cannot continue.
+    fn run_once(&mut self, ctx: &VcpuContext) -> Option<GuestExit> {
+        let id = self.id;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !ctx.io_bus.read(port as u64, data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if port == KEYBOARD_CONTROLLER && data.first() == Some(&KBD_RESET) {
+                    return Some(GuestExit::Shutdown("guest requested a reset".into()));
+                }
+                ctx.io_bus.write(port as u64, data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !ctx.mmio_bus.read(addr, data) {
+                    data.fill(0);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.mmio_bus.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Hlt) => Some(GuestExit::Shutdown("guest halted".into())),
+            Ok(VcpuExit::Shutdown) => Some(GuestExit::Fatal(format!("vCPU {id}: guest triple-faulted (KVM_EXIT_SHUTDOWN)"))),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Some(GuestExit::Shutdown(format!("guest system event {kind}"))),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Some(GuestExit::Fatal(format!("vCPU {id}: KVM entry failed (hardware reason {reason:#x}, cpu {cpu})")))
+            }
+            Ok(VcpuExit::InternalError) => self.handle_internal_error(ctx),
+            Ok(VcpuExit::Intr) => None,
+            Ok(other) => {
+                tracing::warn!("vCPU {id}: ignoring unexpected exit {other:?}");
+                None
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => Some(GuestExit::Fatal(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+        }
+    }
+
+    fn handle_internal_error(&mut self, ctx: &VcpuContext) -> Option<GuestExit> {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let suberror = internal.suberror;
+        match emulate::complete_instruction(&self.fd, &ctx.memory) {
+            Ok(done) => {
+                tracing::debug!("vCPU {}: emulated {} at {:#x}", self.id, done.mnemonic, done.rip);
+                emulate::record(done.mnemonic);
+                None
+            }
+            Err(failure) => Some(GuestExit::Fatal(describe_failure(self.id, suberror, &failure, ctx.symbols.as_deref()))),
+        }
+    }
+}
+
+fn describe_failure(id: u8, suberror: u32, failure: &EmulationFailure, symbols: Option<&emulate::Symbols>) -> String {
+    let place = symbols.and_then(|s| s.describe(failure.rip())).map(|s| format!(" ({s})")).unwrap_or_default();
+    format!("vCPU {id}: KVM internal error (suberror {suberror}){place}: {failure}")
+}
+
+/// Port of the i8042 keyboard controller command register, and its CPU-reset command.
+const KEYBOARD_CONTROLLER: u16 = 0x64;
+const KBD_RESET: u8 = 0xfe;
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    pub id: u8,
+    thread: JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    fn kick(&self) {
+        use std::os::unix::thread::JoinHandleExt;
+        // SAFETY: the pthread is alive until joined; signalling it runs only kick_handler.
+        unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
+    }
+}
+
+/// All vCPUs of a VM and the control block they share.
+pub struct VcpuSet {
+    handles: Vec<VcpuHandle>,
+    control: Arc<RunControl>,
+}
+
+impl VcpuSet {
+    pub fn new(handles: Vec<VcpuHandle>, control: Arc<RunControl>) -> Self {
+        Self { handles, control }
+    }
+
+    fn request(&self, desired: Desired) {
+        let mut st = self.control.lock();
+        st.desired = desired;
+        st.generation += 1;
+        self.control.changed.notify_all();
+        drop(st);
+        for h in &self.handles {
+            h.kick();
+        }
+    }
+
+    /// Parks every vCPU outside `KVM_RUN` and outside the device buses; returns when all are
+    /// parked (or have exited).
+    pub fn park(&self) {
+        self.request(Desired::Park);
+        let n = self.handles.len();
+        let mut st = self.control.lock();
+        while st.parked + st.exited < n {
+            // Re-kick periodically: a vCPU may have been between its check and KVM_RUN.
+            let (guard, timeout) =
+                self.control.changed.wait_timeout(st, std::time::Duration::from_millis(5)).unwrap_or_else(|e| e.into_inner());
+            st = guard;
+            if timeout.timed_out() {
+                drop(st);
+                for h in &self.handles {
+                    h.kick();
+                }
+                st = self.control.lock();
+            }
+        }
+    }
+
+    pub fn resume(&self) {
+        let mut st = self.control.lock();
+        st.desired = Desired::Run;
+        st.generation += 1;
+        self.control.changed.notify_all();
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop(self) {
+        self.request(Desired::Exit);
+        for h in self.handles {
+            let _ = h.thread.join();
+        }
+    }
+}
