@@ -43,13 +43,16 @@ fn yes() -> bool {
     true
 }
 
+/// A layered copy-on-write disk (see `disk.rs` and docs/formats.md).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
-    /// Base image (opened read-only when `overlay` is set).
-    pub path: PathBuf,
+    /// Base image, always opened read-only and shareable between sandboxes.
+    pub base: PathBuf,
+    /// Copy-on-write layers, bottom to top; the top one is written (created if missing). No
+    /// layers means a read-only disk.
     #[serde(default)]
-    pub read_only: bool,
+    pub layers: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,7 +81,10 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let max = crate::arch::mptable::MAX_CPUS;
         if self.vcpus == 0 || self.vcpus > max {
-            return Err(ConfigError::Vcpus { got: self.vcpus, max });
+            return Err(ConfigError::Vcpus {
+                got: self.vcpus,
+                max,
+            });
         }
         if let Some(v) = &self.vsock {
             if v.guest_cid < 3 {

@@ -32,10 +32,18 @@ pub struct ControlResponse {
 
 impl ControlResponse {
     pub fn ok() -> Self {
-        Self { ok: true, error: None, status: None }
+        Self {
+            ok: true,
+            error: None,
+            status: None,
+        }
     }
     pub fn error(msg: impl Into<String>) -> Self {
-        Self { ok: false, error: Some(msg.into()), status: None }
+        Self {
+            ok: false,
+            error: Some(msg.into()),
+            status: None,
+        }
     }
 }
 
@@ -54,7 +62,10 @@ pub struct VmStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("cannot reach VMM control socket {path}: {source}")]
-    Connect { path: String, source: std::io::Error },
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("VMM control socket I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("VMM sent an invalid response: {0}")]
@@ -64,8 +75,15 @@ pub enum ControlError {
 }
 
 /// Sends one request and waits for its response.
-pub fn request(socket: &Path, req: &ControlRequest, timeout: Duration) -> Result<ControlResponse, ControlError> {
-    let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect { path: socket.display().to_string(), source })?;
+pub fn request(
+    socket: &Path,
+    req: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlResponse, ControlError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
@@ -75,9 +93,12 @@ pub fn request(socket: &Path, req: &ControlRequest, timeout: Duration) -> Result
     let mut resp = String::new();
     reader.read_line(&mut resp)?;
     if resp.is_empty() {
-        return Err(ControlError::Protocol("connection closed without a response".into()));
+        return Err(ControlError::Protocol(
+            "connection closed without a response".into(),
+        ));
     }
-    let resp: ControlResponse = serde_json::from_str(&resp).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    let resp: ControlResponse =
+        serde_json::from_str(&resp).map_err(|e| ControlError::Protocol(e.to_string()))?;
     match (&resp.ok, &resp.error) {
         (false, Some(e)) => Err(ControlError::Refused(e.clone())),
         (false, None) => Err(ControlError::Refused("unspecified error".into())),
@@ -88,10 +109,14 @@ pub fn request(socket: &Path, req: &ControlRequest, timeout: Duration) -> Result
 /// Reads one request from a freshly accepted connection (bounded in size and time, so a stuck
 /// or hostile client cannot stall the VMM's event loop for long).
 pub fn read_request(stream: &UnixStream) -> Result<ControlRequest, String> {
-    stream.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
     let mut line = String::new();
     let mut reader = BufReader::new(std::io::Read::take(stream, 64 * 1024));
-    reader.read_line(&mut line).map_err(|e| format!("reading request: {e}"))?;
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("reading request: {e}"))?;
     serde_json::from_str(line.trim()).map_err(|e| format!("invalid request: {e}"))
 }
 

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod disk;
 pub mod emulate;
 pub mod irq;
 pub mod machine;
@@ -21,10 +22,15 @@ pub use config::VmConfig;
 /// Everything that can go wrong building or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    #[error("cannot open /dev/kvm: {0}; is KVM available and are you root? (`forkd doctor` checks)")]
+    #[error(
+        "cannot open /dev/kvm: {0}; is KVM available and are you root? (`forkd doctor` checks)"
+    )]
     KvmOpen(String),
     #[error("KVM: {what}: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
@@ -39,6 +45,11 @@ pub enum VmmError {
     Bus(#[from] bus::BusError),
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    #[error("root disk: {0}")]
+    Disk(String),
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
 }

@@ -81,17 +81,33 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
         move |source| VmmError::Io { what, source }
     };
     let _ = std::fs::remove_file(&config.control_socket);
-    let listener = UnixListener::bind(&config.control_socket).map_err(io(&format!("binding control socket {}", config.control_socket.display())))?;
-    listener.set_nonblocking(true).map_err(io("control socket"))?;
+    let listener = UnixListener::bind(&config.control_socket).map_err(io(&format!(
+        "binding control socket {}",
+        config.control_socket.display()
+    )))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io("control socket"))?;
 
     let started = Instant::now();
     let machine = Machine::boot(config)?;
     tracing::info!("booted in {:?}", started.elapsed());
 
-    let mut manager: EventManager<Subscriber> = EventManager::new().map_err(|e| VmmError::Io { what: format!("event loop: {e:?}"), source: std::io::Error::other("epoll") })?;
+    let mut manager: EventManager<Subscriber> = EventManager::new().map_err(|e| VmmError::Io {
+        what: format!("event loop: {e:?}"),
+        source: std::io::Error::other("epoll"),
+    })?;
     let pending: Pending = Arc::default();
-    manager.add_subscriber(Arc::new(Mutex::new(ControlListener { listener, pending: pending.clone() })));
-    manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher { control: machine.control.clone() })));
+    manager.add_subscriber(Arc::new(Mutex::new(ControlListener {
+        listener,
+        pending: pending.clone(),
+    })));
+    manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+        control: machine.control.clone(),
+    })));
+    for slot in &machine.virtio {
+        manager.add_subscriber(slot.transport.clone());
+    }
 
     let mut paused = false;
     let outcome = loop {
@@ -136,6 +152,9 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     crate::bus::lock(&machine.serial).flush();
     machine.vcpus.stop();
     let _ = std::fs::remove_file(&config.control_socket);
+    if let Some(vsock) = &config.vsock {
+        let _ = std::fs::remove_file(&vsock.uds_path);
+    }
     Ok(outcome)
 }
 
@@ -147,6 +166,9 @@ fn status(config: &VmConfig, machine: &Machine, started: Instant, paused: bool) 
         vcpus: config.vcpus,
         memory_mib: config.memory_mib,
         cpu_profile: format!("{:?}", machine.profile).to_lowercase(),
-        emulated: crate::emulate::counts().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        emulated: crate::emulate::counts()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
     }
 }

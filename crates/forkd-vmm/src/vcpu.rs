@@ -20,7 +20,11 @@ pub enum VcpuError {
     #[error("creating vCPU {id}: {source}")]
     Create { id: u8, source: kvm_ioctls::Error },
     #[error("configuring vCPU {id} ({what}): {source}")]
-    Configure { id: u8, what: &'static str, source: kvm_ioctls::Error },
+    Configure {
+        id: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("spawning vCPU thread: {0}")]
     Spawn(std::io::Error),
     #[error("installing the vCPU kick signal handler: {0}")]
@@ -66,7 +70,12 @@ pub struct RunControl {
 impl RunControl {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
-            state: Mutex::new(ControlState { desired: Desired::Run, generation: 0, parked: 0, exited: 0 }),
+            state: Mutex::new(ControlState {
+                desired: Desired::Run,
+                generation: 0,
+                parked: 0,
+                exited: 0,
+            }),
             changed: Condvar::new(),
             exit: Mutex::new(None),
             exit_event: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -148,12 +157,20 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub fn create(vm: &VmFd, id: u8) -> Result<Self, VcpuError> {
-        let fd = vm.create_vcpu(id as u64).map_err(|source| VcpuError::Create { id, source })?;
+        let fd = vm
+            .create_vcpu(id as u64)
+            .map_err(|source| VcpuError::Create { id, source })?;
         Ok(Self { id, fd })
     }
 
     /// Programs CPUID, MSRs and the boot register state for a fresh boot.
-    pub fn configure_boot(&self, supported: &CpuId, count: u8, profile: cpuid::CpuProfile, entry: u64) -> Result<(), VcpuError> {
+    pub fn configure_boot(
+        &self,
+        supported: &CpuId,
+        count: u8,
+        profile: cpuid::CpuProfile,
+        entry: u64,
+    ) -> Result<(), VcpuError> {
         let id = self.id;
         let err = |what| move |source| VcpuError::Configure { id, what, source };
         let cpuid = cpuid::guest_cpuid(supported, id, count, profile);
@@ -165,14 +182,20 @@ impl Vcpu {
             tracing::warn!("vCPU {id}: KVM refused boot MSR {failed:#x}; continuing without it");
         }
         let sregs = self.fd.get_sregs().map_err(err("get sregs"))?;
-        self.fd.set_sregs(&regs::boot_sregs(sregs)).map_err(err("sregs"))?;
+        self.fd
+            .set_sregs(&regs::boot_sregs(sregs))
+            .map_err(err("sregs"))?;
         self.fd.set_fpu(&regs::boot_fpu()).map_err(err("fpu"))?;
         // Only the boot processor starts at the kernel entry; the others wait for INIT/SIPI.
         if id == 0 {
-            self.fd.set_regs(&regs::boot_regs(entry)).map_err(err("regs"))?;
+            self.fd
+                .set_regs(&regs::boot_regs(entry))
+                .map_err(err("regs"))?;
         }
         let lapic = self.fd.get_lapic().map_err(err("get lapic"))?;
-        self.fd.set_lapic(&regs::boot_lapic(lapic)).map_err(err("lapic"))?;
+        self.fd
+            .set_lapic(&regs::boot_lapic(lapic))
+            .map_err(err("lapic"))?;
         Ok(())
     }
 
@@ -203,7 +226,11 @@ impl Vcpu {
                         st.parked += 1;
                         ctx.control.changed.notify_all();
                         while st.desired == Desired::Park {
-                            st = ctx.control.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                            st = ctx
+                                .control
+                                .changed
+                                .wait(st)
+                                .unwrap_or_else(|e| e.into_inner());
                         }
                         st.parked -= 1;
                         seen_generation = st.generation;
@@ -254,11 +281,15 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::Hlt) => Some(GuestExit::Shutdown("guest halted".into())),
-            Ok(VcpuExit::Shutdown) => Some(GuestExit::Fatal(format!("vCPU {id}: guest triple-faulted (KVM_EXIT_SHUTDOWN)"))),
-            Ok(VcpuExit::SystemEvent(kind, _)) => Some(GuestExit::Shutdown(format!("guest system event {kind}"))),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                Some(GuestExit::Fatal(format!("vCPU {id}: KVM entry failed (hardware reason {reason:#x}, cpu {cpu})")))
+            Ok(VcpuExit::Shutdown) => Some(GuestExit::Fatal(format!(
+                "vCPU {id}: guest triple-faulted (KVM_EXIT_SHUTDOWN)"
+            ))),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                Some(GuestExit::Shutdown(format!("guest system event {kind}")))
             }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(GuestExit::Fatal(format!(
+                "vCPU {id}: KVM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+            ))),
             Ok(VcpuExit::InternalError) => self.handle_internal_error(ctx),
             Ok(VcpuExit::Intr) => None,
             Ok(other) => {
@@ -280,17 +311,35 @@ impl Vcpu {
         let suberror = internal.suberror;
         match emulate::complete_instruction(&self.fd, &ctx.memory) {
             Ok(done) => {
-                tracing::debug!("vCPU {}: emulated {} at {:#x}", self.id, done.mnemonic, done.rip);
+                tracing::debug!(
+                    "vCPU {}: emulated {} at {:#x}",
+                    self.id,
+                    done.mnemonic,
+                    done.rip
+                );
                 emulate::record(done.mnemonic);
                 None
             }
-            Err(failure) => Some(GuestExit::Fatal(describe_failure(self.id, suberror, &failure, ctx.symbols.as_deref()))),
+            Err(failure) => Some(GuestExit::Fatal(describe_failure(
+                self.id,
+                suberror,
+                &failure,
+                ctx.symbols.as_deref(),
+            ))),
         }
     }
 }
 
-fn describe_failure(id: u8, suberror: u32, failure: &EmulationFailure, symbols: Option<&emulate::Symbols>) -> String {
-    let place = symbols.and_then(|s| s.describe(failure.rip())).map(|s| format!(" ({s})")).unwrap_or_default();
+fn describe_failure(
+    id: u8,
+    suberror: u32,
+    failure: &EmulationFailure,
+    symbols: Option<&emulate::Symbols>,
+) -> String {
+    let place = symbols
+        .and_then(|s| s.describe(failure.rip()))
+        .map(|s| format!(" ({s})"))
+        .unwrap_or_default();
     format!("vCPU {id}: KVM internal error (suberror {suberror}){place}: {failure}")
 }
 
@@ -342,8 +391,11 @@ impl VcpuSet {
         let mut st = self.control.lock();
         while st.parked + st.exited < n {
             // Re-kick periodically: a vCPU may have been between its check and KVM_RUN.
-            let (guard, timeout) =
-                self.control.changed.wait_timeout(st, std::time::Duration::from_millis(5)).unwrap_or_else(|e| e.into_inner());
+            let (guard, timeout) = self
+                .control
+                .changed
+                .wait_timeout(st, std::time::Duration::from_millis(5))
+                .unwrap_or_else(|e| e.into_inner());
             st = guard;
             if timeout.timed_out() {
                 drop(st);

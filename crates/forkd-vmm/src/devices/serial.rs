@@ -18,7 +18,10 @@ pub struct ConsoleSink {
 
 impl ConsoleSink {
     pub fn new(file: Option<File>, echo: bool) -> Self {
-        Self { file: file.map(LineWriter::new), echo }
+        Self {
+            file: file.map(LineWriter::new),
+            echo,
+        }
     }
 }
 
@@ -49,7 +52,9 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(irq: IrqLine, sink: ConsoleSink) -> Self {
-        Self { serial: Serial::new(irq, sink) }
+        Self {
+            serial: Serial::new(irq, sink),
+        }
     }
 
     pub fn irq(&self) -> &IrqLine {

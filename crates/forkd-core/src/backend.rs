@@ -1,0 +1,148 @@
+//! The `SandboxBackend` trait: the mechanism under the controller. The real backend boots KVM
+//! microVMs (`forkd_vmm::backend`); a test double may stand in for frontend plumbing tests.
+
+use crate::error::{Error, Result};
+use crate::exec::{CancelToken, ExecOutcome, ExecRequest, ExecSink};
+use crate::id::SandboxId;
+use crate::spec::SandboxSpec;
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+/// Backend-defined description of how to reach a live sandbox (process id, socket paths...).
+/// The controller persists it verbatim so a restarted controller can re-adopt the sandbox.
+pub type RuntimeHandle = serde_json::Value;
+
+/// A directory entry in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_unix: i64,
+}
+
+/// Host-side memory figures for one sandbox's VMM process, in KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryUsage {
+    pub rss_kib: u64,
+    /// Proportional share: shared copy-on-write pages are split between the processes sharing them.
+    pub pss_kib: u64,
+    /// Pages only this sandbox has written.
+    pub private_dirty_kib: u64,
+}
+
+/// Whether a sandbox's VMM is still there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "reason")]
+pub enum Liveness {
+    Running,
+    Exited(String),
+}
+
+/// Options for BRANCH.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BranchOptions {
+    /// Number of children.
+    pub count: u32,
+}
+
+impl Default for BranchOptions {
+    fn default() -> Self {
+        Self { count: 1 }
+    }
+}
+
+/// Most children one BRANCH may create.
+pub const MAX_BRANCH_COUNT: u32 = 1000;
+
+impl BranchOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.count == 0 || self.count > MAX_BRANCH_COUNT {
+            return Err(Error::invalid(
+                "count",
+                format!(
+                    "{} is out of range; use 1 to {MAX_BRANCH_COUNT}",
+                    self.count
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a backend reports for one BRANCH.
+#[derive(Debug, Clone)]
+pub struct BranchedChildren {
+    /// Runtime handles of the children, in the order of the ids asked for.
+    pub children: Vec<RuntimeHandle>,
+    /// How long the source's vCPUs were stopped.
+    pub pause: Duration,
+}
+
+/// The mechanism that runs sandboxes. Every method is blocking; async frontends call it from
+/// a blocking thread pool.
+pub trait SandboxBackend: Send + Sync {
+    /// Short name for logs and `forkd doctor` (e.g. `kvm`).
+    fn name(&self) -> &'static str;
+
+    /// Boots a new sandbox and returns once its guest agent answers.
+    fn create(&self, id: &SandboxId, spec: &SandboxSpec) -> Result<RuntimeHandle>;
+
+    /// Runs a command, streaming its output to `sink`; `stdin` (if any) is copied to the
+    /// command and then closed.
+    fn exec(
+        &self,
+        runtime: &RuntimeHandle,
+        req: &ExecRequest,
+        stdin: Option<&mut (dyn Read + Send)>,
+        sink: &mut dyn ExecSink,
+        cancel: &CancelToken,
+    ) -> Result<ExecOutcome>;
+
+    /// Writes a file in the guest from `data`; returns the bytes written.
+    fn write_file(
+        &self,
+        runtime: &RuntimeHandle,
+        path: &str,
+        mode: u32,
+        data: &mut (dyn Read + Send),
+    ) -> Result<u64>;
+
+    /// Reads a file from the guest into `out`; returns the bytes read.
+    fn read_file(
+        &self,
+        runtime: &RuntimeHandle,
+        path: &str,
+        out: &mut (dyn Write + Send),
+    ) -> Result<u64>;
+
+    fn list_dir(&self, runtime: &RuntimeHandle, path: &str) -> Result<Vec<DirEntry>>;
+
+    /// Forks a running sandbox into `children.len()` children (see the BRANCH design).
+    fn branch(
+        &self,
+        _runtime: &RuntimeHandle,
+        _children: &[SandboxId],
+        _opts: &BranchOptions,
+    ) -> Result<BranchedChildren> {
+        Err(Error::FailedPrecondition(format!(
+            "the {} backend cannot branch sandboxes",
+            self.name()
+        )))
+    }
+
+    /// Stops the sandbox and removes everything it left on the host. Idempotent.
+    fn destroy(&self, runtime: &RuntimeHandle) -> Result<()>;
+
+    /// Cheap liveness check, used when re-adopting sandboxes after a restart.
+    fn probe(&self, runtime: &RuntimeHandle) -> Liveness;
+
+    fn memory_usage(&self, runtime: &RuntimeHandle) -> Result<MemoryUsage>;
+
+    /// The guest console log so far (the last `max_bytes` of it).
+    fn console(&self, runtime: &RuntimeHandle, max_bytes: u64) -> Result<Vec<u8>>;
+}

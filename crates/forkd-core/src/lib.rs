@@ -1,0 +1,23 @@
+//! forkd-core: sandboxes for AI agents that BRANCH.
+//!
+//! This crate holds everything a frontend needs and nothing about how sandboxes are run:
+//! the sandbox types ([`SandboxSpec`], [`ExecRequest`]...), the typed [`Error`], the
+//! [`SandboxBackend`] trait the KVM backend implements, and the [`Controller`] that frontends
+//! (CLI, daemon, MCP) and embedding Rust services drive.
+
+pub mod backend;
+pub mod controller;
+pub mod error;
+pub mod exec;
+pub mod id;
+pub mod size;
+pub mod spec;
+
+pub use backend::{BranchOptions, DirEntry, Liveness, MemoryUsage, RuntimeHandle, SandboxBackend};
+pub use controller::{Controller, SandboxInfo, SandboxState};
+pub use error::{Error, ErrorCode, Result};
+pub use exec::{
+    CancelToken, CapturedOutput, ExecOutcome, ExecRequest, ExecSink, ExitStatus, OutputStream,
+};
+pub use id::SandboxId;
+pub use spec::SandboxSpec;
