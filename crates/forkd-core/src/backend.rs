@@ -64,10 +64,7 @@ impl BranchOptions {
         if self.count == 0 || self.count > MAX_BRANCH_COUNT {
             return Err(Error::invalid(
                 "count",
-                format!(
-                    "{} is out of range; use 1 to {MAX_BRANCH_COUNT}",
-                    self.count
-                ),
+                format!("{} is out of range; use 1 to {MAX_BRANCH_COUNT}", self.count),
             ));
         }
         Ok(())
@@ -98,27 +95,16 @@ pub trait SandboxBackend: Send + Sync {
         &self,
         runtime: &RuntimeHandle,
         req: &ExecRequest,
-        stdin: Option<&mut (dyn Read + Send)>,
+        stdin: Option<Box<dyn Read + Send>>,
         sink: &mut dyn ExecSink,
         cancel: &CancelToken,
     ) -> Result<ExecOutcome>;
 
     /// Writes a file in the guest from `data`; returns the bytes written.
-    fn write_file(
-        &self,
-        runtime: &RuntimeHandle,
-        path: &str,
-        mode: u32,
-        data: &mut (dyn Read + Send),
-    ) -> Result<u64>;
+    fn write_file(&self, runtime: &RuntimeHandle, path: &str, mode: u32, data: &mut (dyn Read + Send)) -> Result<u64>;
 
     /// Reads a file from the guest into `out`; returns the bytes read.
-    fn read_file(
-        &self,
-        runtime: &RuntimeHandle,
-        path: &str,
-        out: &mut (dyn Write + Send),
-    ) -> Result<u64>;
+    fn read_file(&self, runtime: &RuntimeHandle, path: &str, out: &mut (dyn Write + Send)) -> Result<u64>;
 
     fn list_dir(&self, runtime: &RuntimeHandle, path: &str) -> Result<Vec<DirEntry>>;
 
@@ -129,10 +115,7 @@ pub trait SandboxBackend: Send + Sync {
         _children: &[SandboxId],
         _opts: &BranchOptions,
     ) -> Result<BranchedChildren> {
-        Err(Error::FailedPrecondition(format!(
-            "the {} backend cannot branch sandboxes",
-            self.name()
-        )))
+        Err(Error::FailedPrecondition(format!("the {} backend cannot branch sandboxes", self.name())))
     }
 
     /// Stops the sandbox and removes everything it left on the host. Idempotent.

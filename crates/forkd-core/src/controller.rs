@@ -48,10 +48,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub(crate) fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Registry and lifecycle of sandboxes over one backend.
@@ -62,10 +59,7 @@ pub struct Controller {
 
 impl Controller {
     pub fn new(backend: Arc<dyn SandboxBackend>) -> Self {
-        Self {
-            backend,
-            sandboxes: Mutex::new(BTreeMap::new()),
-        }
+        Self { backend, sandboxes: Mutex::new(BTreeMap::new()) }
     }
 
     pub fn backend(&self) -> &Arc<dyn SandboxBackend> {
@@ -73,10 +67,7 @@ impl Controller {
     }
 
     fn entry(&self, id: &SandboxId) -> Result<Arc<Entry>> {
-        lock(&self.sandboxes)
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Error::sandbox_not_found(id.as_str()))
+        lock(&self.sandboxes).get(id).cloned().ok_or_else(|| Error::sandbox_not_found(id.as_str()))
     }
 
     /// Boots a new sandbox.
@@ -106,10 +97,7 @@ impl Controller {
     }
 
     pub fn list(&self) -> Vec<SandboxInfo> {
-        lock(&self.sandboxes)
-            .values()
-            .map(|e| lock(&e.info).clone())
-            .collect()
+        lock(&self.sandboxes).values().map(|e| lock(&e.info).clone()).collect()
     }
 
     /// Runs `f` with the sandbox's shared lock held and a cancel token registered, so that
@@ -117,6 +105,7 @@ impl Controller {
     fn with_command<T>(
         &self,
         id: &SandboxId,
+        external: Option<&CancelToken>,
         f: impl FnOnce(&RuntimeHandle, &CancelToken) -> Result<T>,
     ) -> Result<T> {
         let entry = self.entry(id)?;
@@ -127,6 +116,10 @@ impl Controller {
             )));
         }
         let token = CancelToken::new();
+        if let Some(external) = external {
+            let linked = token.clone();
+            external.on_cancel(move || linked.cancel());
+        }
         lock(&entry.in_flight).push(token.clone());
         let result = f(&entry.runtime, &token);
         lock(&entry.in_flight).retain(|t| !t.same_as(&token));
@@ -137,39 +130,38 @@ impl Controller {
         &self,
         id: &SandboxId,
         req: &ExecRequest,
-        stdin: Option<&mut (dyn Read + Send)>,
+        stdin: Option<Box<dyn Read + Send>>,
         sink: &mut dyn ExecSink,
     ) -> Result<ExecOutcome> {
+        self.exec_with_cancel(id, req, stdin, sink, &CancelToken::new())
+    }
+
+    /// Like `exec`, but `cancel` (e.g. a client disconnect or Ctrl-C) also stops the command.
+    pub fn exec_with_cancel(
+        &self,
+        id: &SandboxId,
+        req: &ExecRequest,
+        stdin: Option<Box<dyn Read + Send>>,
+        sink: &mut dyn ExecSink,
+        cancel: &CancelToken,
+    ) -> Result<ExecOutcome> {
         req.validate()?;
-        self.with_command(id, |rt, cancel| {
-            self.backend.exec(rt, req, stdin, sink, cancel)
-        })
+        self.with_command(id, Some(cancel), |rt, token| self.backend.exec(rt, req, stdin, sink, token))
     }
 
-    pub fn write_file(
-        &self,
-        id: &SandboxId,
-        path: &str,
-        mode: u32,
-        data: &mut (dyn Read + Send),
-    ) -> Result<u64> {
+    pub fn write_file(&self, id: &SandboxId, path: &str, mode: u32, data: &mut (dyn Read + Send)) -> Result<u64> {
         validate_guest_path(path)?;
-        self.with_command(id, |rt, _| self.backend.write_file(rt, path, mode, data))
+        self.with_command(id, None, |rt, _| self.backend.write_file(rt, path, mode, data))
     }
 
-    pub fn read_file(
-        &self,
-        id: &SandboxId,
-        path: &str,
-        out: &mut (dyn Write + Send),
-    ) -> Result<u64> {
+    pub fn read_file(&self, id: &SandboxId, path: &str, out: &mut (dyn Write + Send)) -> Result<u64> {
         validate_guest_path(path)?;
-        self.with_command(id, |rt, _| self.backend.read_file(rt, path, out))
+        self.with_command(id, None, |rt, _| self.backend.read_file(rt, path, out))
     }
 
     pub fn list_dir(&self, id: &SandboxId, path: &str) -> Result<Vec<DirEntry>> {
         validate_guest_path(path)?;
-        self.with_command(id, |rt, _| self.backend.list_dir(rt, path))
+        self.with_command(id, None, |rt, _| self.backend.list_dir(rt, path))
     }
 
     pub fn memory_usage(&self, id: &SandboxId) -> Result<MemoryUsage> {
@@ -210,10 +202,7 @@ impl Controller {
 /// Guest paths must be absolute and free of NUL bytes.
 fn validate_guest_path(path: &str) -> Result<()> {
     if !path.starts_with('/') || path.contains('\0') {
-        return Err(Error::invalid(
-            "path",
-            format!("`{path}` must be an absolute guest path"),
-        ));
+        return Err(Error::invalid("path", format!("`{path}` must be an absolute guest path")));
     }
     Ok(())
 }

@@ -20,20 +20,13 @@ pub enum ErrorCode {
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum Error {
     #[error("{kind} `{id}` not found{hint}")]
-    NotFound {
-        kind: &'static str,
-        id: String,
-        hint: String,
-    },
+    NotFound { kind: &'static str, id: String, hint: String },
     #[error("invalid {field}: {reason}")]
     InvalidArgument { field: String, reason: String },
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{message} (retry in {retry_after_ms} ms)")]
-    ResourceExhausted {
-        message: String,
-        retry_after_ms: u64,
-    },
+    ResourceExhausted { message: String, retry_after_ms: u64 },
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -61,18 +54,11 @@ impl Error {
     }
 
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            field: field.into(),
-            reason: reason.into(),
-        }
+        Error::InvalidArgument { field: field.into(), reason: reason.into() }
     }
 
     pub fn sandbox_not_found(id: impl Into<String>) -> Self {
-        Error::NotFound {
-            kind: "sandbox",
-            id: id.into(),
-            hint: "; `forkd ls` lists sandboxes".into(),
-        }
+        Error::NotFound { kind: "sandbox", id: id.into(), hint: "; `forkd ls` lists sandboxes".into() }
     }
 
     pub fn internal(what: impl std::fmt::Display) -> Self {

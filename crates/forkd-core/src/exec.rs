@@ -20,31 +20,18 @@ pub struct ExecRequest {
 
 impl ExecRequest {
     pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(argv: I) -> Self {
-        Self {
-            argv: argv.into_iter().map(Into::into).collect(),
-            ..Default::default()
-        }
+        Self { argv: argv.into_iter().map(Into::into).collect(), ..Default::default() }
     }
 
     pub fn validate(&self) -> crate::Result<()> {
         if self.argv.is_empty() || self.argv[0].is_empty() {
             return Err(crate::Error::invalid("argv", "must name a program to run"));
         }
-        if let Some(bad) = self
-            .env
-            .iter()
-            .find(|e| !e.contains('=') || e.starts_with('='))
-        {
-            return Err(crate::Error::invalid(
-                "env",
-                format!("`{bad}` is not KEY=VALUE"),
-            ));
+        if let Some(bad) = self.env.iter().find(|e| !e.contains('=') || e.starts_with('=')) {
+            return Err(crate::Error::invalid("env", format!("`{bad}` is not KEY=VALUE")));
         }
         if self.argv.iter().chain(&self.env).any(|s| s.contains('\0')) {
-            return Err(crate::Error::invalid(
-                "argv",
-                "arguments and environment must not contain NUL bytes",
-            ));
+            return Err(crate::Error::invalid("argv", "arguments and environment must not contain NUL bytes"));
         }
         Ok(())
     }
@@ -110,9 +97,7 @@ mod millis {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_secs_f64(
-            f64::deserialize(d)?.max(0.0) / 1000.0,
-        ))
+        Ok(Duration::from_secs_f64(f64::deserialize(d)?.max(0.0) / 1000.0))
     }
 }
 
@@ -163,8 +148,7 @@ impl CancelToken {
 
     pub fn cancel(&self) {
         if !self.inner.cancelled.swap(true, Ordering::SeqCst) {
-            let hooks =
-                std::mem::take(&mut *self.inner.hooks.lock().unwrap_or_else(|e| e.into_inner()));
+            let hooks = std::mem::take(&mut *self.inner.hooks.lock().unwrap_or_else(|e| e.into_inner()));
             for hook in hooks {
                 hook();
             }
@@ -195,9 +179,7 @@ impl CancelToken {
 
 impl std::fmt::Debug for CancelToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CancelToken")
-            .field("cancelled", &self.is_cancelled())
-            .finish()
+        f.debug_struct("CancelToken").field("cancelled", &self.is_cancelled()).finish()
     }
 }
 
@@ -207,11 +189,7 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        assert!(ExecRequest::new(Vec::<String>::new())
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("argv"));
+        assert!(ExecRequest::new(Vec::<String>::new()).validate().unwrap_err().to_string().contains("argv"));
         let mut r = ExecRequest::new(["env"]);
         r.env = vec!["NOEQUALS".into()];
         assert!(r.validate().unwrap_err().to_string().contains("env"));

@@ -14,27 +14,20 @@ pub struct SandboxId(String);
 impl SandboxId {
     /// A fresh random id.
     pub fn generate() -> Self {
-        SandboxId(format!(
-            "sb-{:012x}",
-            rand::random::<u64>() & 0xffff_ffff_ffff
-        ))
+        SandboxId(format!("sb-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff))
     }
 
     pub fn parse(text: &str) -> Result<Self> {
         let ok = !text.is_empty()
             && text.len() <= 63
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !text.starts_with('-');
         if ok {
             Ok(SandboxId(text.to_string()))
         } else {
             Err(Error::invalid(
                 "id",
-                format!(
-                    "`{text}` is not a sandbox id (lowercase letters, digits and '-', at most 63)"
-                ),
+                format!("`{text}` is not a sandbox id (lowercase letters, digits and '-', at most 63)"),
             ))
         }
     }

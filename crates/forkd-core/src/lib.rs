@@ -16,8 +16,6 @@ pub mod spec;
 pub use backend::{BranchOptions, DirEntry, Liveness, MemoryUsage, RuntimeHandle, SandboxBackend};
 pub use controller::{Controller, SandboxInfo, SandboxState};
 pub use error::{Error, ErrorCode, Result};
-pub use exec::{
-    CancelToken, CapturedOutput, ExecOutcome, ExecRequest, ExecSink, ExitStatus, OutputStream,
-};
+pub use exec::{CancelToken, CapturedOutput, ExecOutcome, ExecRequest, ExecSink, ExitStatus, OutputStream};
 pub use id::SandboxId;
 pub use spec::SandboxSpec;

@@ -8,31 +8,19 @@ pub fn parse_mib(field: &str, text: &str) -> Result<u64> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
-    let value: u64 = digits.parse().map_err(|_| {
-        Error::invalid(
-            field,
-            format!("`{text}` is not a size; use e.g. 256M or 1G"),
-        )
-    })?;
+    let value: u64 =
+        digits.parse().map_err(|_| Error::invalid(field, format!("`{text}` is not a size; use e.g. 256M or 1G")))?;
     let unit = unit.trim().to_ascii_lowercase();
     let kib = match unit.as_str() {
         "" | "m" | "mb" | "mib" => value.checked_mul(1024),
         "k" | "kb" | "kib" => Some(value),
         "g" | "gb" | "gib" => value.checked_mul(1024 * 1024),
         "t" | "tb" | "tib" => value.checked_mul(1024 * 1024 * 1024),
-        _ => {
-            return Err(Error::invalid(
-                field,
-                format!("unknown unit `{unit}` in `{text}`; use K, M, G or T"),
-            ))
-        }
+        _ => return Err(Error::invalid(field, format!("unknown unit `{unit}` in `{text}`; use K, M, G or T"))),
     }
     .ok_or_else(|| Error::invalid(field, format!("`{text}` is too large")))?;
     if kib % 1024 != 0 {
-        return Err(Error::invalid(
-            field,
-            format!("`{text}` is not a whole number of MiB"),
-        ));
+        return Err(Error::invalid(field, format!("`{text}` is not a whole number of MiB")));
     }
     Ok(kib / 1024)
 }
@@ -52,20 +40,9 @@ mod tests {
 
     #[test]
     fn rejects_garbage_naming_the_field() {
-        for bad in [
-            "",
-            "M",
-            "12X",
-            "-5M",
-            "1.5G",
-            "99999999999999999999G",
-            "1000k",
-        ] {
+        for bad in ["", "M", "12X", "-5M", "1.5G", "99999999999999999999G", "1000k"] {
             let err = parse_mib("memory", bad).unwrap_err();
-            assert!(
-                err.to_string().starts_with("invalid memory"),
-                "{bad}: {err}"
-            );
+            assert!(err.to_string().starts_with("invalid memory"), "{bad}: {err}");
         }
     }
 }

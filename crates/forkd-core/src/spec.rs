@@ -26,13 +26,7 @@ pub struct SandboxSpec {
 
 impl Default for SandboxSpec {
     fn default() -> Self {
-        Self {
-            image: "tiny".into(),
-            kernel: None,
-            memory_mib: DEFAULT_MEMORY_MIB,
-            vcpus: 1,
-            labels: BTreeMap::new(),
-        }
+        Self { image: "tiny".into(), kernel: None, memory_mib: DEFAULT_MEMORY_MIB, vcpus: 1, labels: BTreeMap::new() }
     }
 }
 
@@ -40,26 +34,17 @@ impl SandboxSpec {
     /// Checks fields that do not need the host (images and kernels are checked by the backend).
     pub fn validate(&self) -> Result<()> {
         if self.image.is_empty() {
-            return Err(Error::invalid(
-                "image",
-                "must not be empty; `forkd image ls` lists images",
-            ));
+            return Err(Error::invalid("image", "must not be empty; `forkd image ls` lists images"));
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(Error::invalid(
-                "vcpus",
-                format!("{} is out of range; use 1 to {MAX_VCPUS}", self.vcpus),
-            ));
+            return Err(Error::invalid("vcpus", format!("{} is out of range; use 1 to {MAX_VCPUS}", self.vcpus)));
         }
         if self.memory_mib == 0 {
             return Err(Error::invalid("memory", "must be positive, e.g. 256M"));
         }
         for key in self.labels.keys() {
             if key.is_empty() || key.len() > 63 {
-                return Err(Error::invalid(
-                    "labels",
-                    format!("label key `{key}` must be 1 to 63 bytes"),
-                ));
+                return Err(Error::invalid("labels", format!("label key `{key}` must be 1 to 63 bytes")));
             }
         }
         Ok(())
@@ -73,15 +58,9 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_bad_values_name_their_field() {
         SandboxSpec::default().validate().unwrap();
-        let bad = SandboxSpec {
-            vcpus: 0,
-            ..Default::default()
-        };
+        let bad = SandboxSpec { vcpus: 0, ..Default::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("vcpus"));
-        let bad = SandboxSpec {
-            image: String::new(),
-            ..Default::default()
-        };
+        let bad = SandboxSpec { image: String::new(), ..Default::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("image"));
     }
 

@@ -45,10 +45,7 @@ impl Bus {
 
     /// Maps `device` at `[base, base + len)`.
     pub fn insert(&mut self, base: u64, len: u64, device: SharedBusDevice) -> Result<(), BusError> {
-        let end = base
-            .checked_add(len)
-            .filter(|_| len > 0)
-            .ok_or(BusError::InvalidRange { base, len })?;
+        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::InvalidRange { base, len })?;
         if let Some((&prev_base, prev)) = self.ranges.range(..end).next_back() {
             if prev_base + prev.len > base {
                 return Err(BusError::Overlap { base, len });
@@ -111,20 +108,8 @@ mod tests {
         let mut bus = Bus::new();
         let dev = Arc::new(Mutex::new(Recorder(Vec::new())));
         bus.insert(0x1000, 0x10, dev.clone()).unwrap();
-        assert_eq!(
-            bus.insert(0x100f, 0x10, dev.clone()),
-            Err(BusError::Overlap {
-                base: 0x100f,
-                len: 0x10
-            })
-        );
-        assert_eq!(
-            bus.insert(0xff8, 0x10, dev.clone()),
-            Err(BusError::Overlap {
-                base: 0xff8,
-                len: 0x10
-            })
-        );
+        assert_eq!(bus.insert(0x100f, 0x10, dev.clone()), Err(BusError::Overlap { base: 0x100f, len: 0x10 }));
+        assert_eq!(bus.insert(0xff8, 0x10, dev.clone()), Err(BusError::Overlap { base: 0xff8, len: 0x10 }));
         bus.insert(0x1010, 0x10, dev.clone()).unwrap();
         let mut b = [0u8; 1];
         assert!(bus.read(0x1005, &mut b));
@@ -132,9 +117,6 @@ mod tests {
         assert!(!bus.read(0x2000, &mut b));
         assert!(bus.write(0x1012, &[7]));
         assert_eq!(dev.lock().unwrap().0, vec![(2, 7)]);
-        assert_eq!(
-            bus.insert(1, 0, dev),
-            Err(BusError::InvalidRange { base: 1, len: 0 })
-        );
+        assert_eq!(bus.insert(1, 0, dev), Err(BusError::InvalidRange { base: 1, len: 0 }));
     }
 }

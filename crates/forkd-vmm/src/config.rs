@@ -81,10 +81,7 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let max = crate::arch::mptable::MAX_CPUS;
         if self.vcpus == 0 || self.vcpus > max {
-            return Err(ConfigError::Vcpus {
-                got: self.vcpus,
-                max,
-            });
+            return Err(ConfigError::Vcpus { got: self.vcpus, max });
         }
         if let Some(v) = &self.vsock {
             if v.guest_cid < 3 {

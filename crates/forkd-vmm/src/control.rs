@@ -19,6 +19,25 @@ pub enum ControlRequest {
     Resume,
     /// Stop the VM and exit the VMM process.
     Shutdown,
+    /// Fork the running VM into one child per directory (which must exist).
+    Branch { children: Vec<std::path::PathBuf> },
+}
+
+/// One child of a BRANCH.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BranchChild {
+    pub pid: u32,
+    /// Process start time (clock ticks since boot), to tell the child from a reused pid.
+    pub start_time: u64,
+    pub dir: std::path::PathBuf,
+}
+
+/// What the source reports after a BRANCH.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BranchReport {
+    /// How long the source's vCPUs were stopped.
+    pub pause_us: u64,
+    pub children: Vec<BranchChild>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -28,22 +47,16 @@ pub struct ControlResponse {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<VmStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<BranchReport>,
 }
 
 impl ControlResponse {
     pub fn ok() -> Self {
-        Self {
-            ok: true,
-            error: None,
-            status: None,
-        }
+        Self { ok: true, error: None, status: None, branch: None }
     }
     pub fn error(msg: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            error: Some(msg.into()),
-            status: None,
-        }
+        Self { ok: false, error: Some(msg.into()), status: None, branch: None }
     }
 }
 
@@ -62,10 +75,7 @@ pub struct VmStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("cannot reach VMM control socket {path}: {source}")]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
+    Connect { path: String, source: std::io::Error },
     #[error("VMM control socket I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("VMM sent an invalid response: {0}")]
@@ -75,15 +85,9 @@ pub enum ControlError {
 }
 
 /// Sends one request and waits for its response.
-pub fn request(
-    socket: &Path,
-    req: &ControlRequest,
-    timeout: Duration,
-) -> Result<ControlResponse, ControlError> {
-    let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
-        path: socket.display().to_string(),
-        source,
-    })?;
+pub fn request(socket: &Path, req: &ControlRequest, timeout: Duration) -> Result<ControlResponse, ControlError> {
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|source| ControlError::Connect { path: socket.display().to_string(), source })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
@@ -93,12 +97,9 @@ pub fn request(
     let mut resp = String::new();
     reader.read_line(&mut resp)?;
     if resp.is_empty() {
-        return Err(ControlError::Protocol(
-            "connection closed without a response".into(),
-        ));
+        return Err(ControlError::Protocol("connection closed without a response".into()));
     }
-    let resp: ControlResponse =
-        serde_json::from_str(&resp).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    let resp: ControlResponse = serde_json::from_str(&resp).map_err(|e| ControlError::Protocol(e.to_string()))?;
     match (&resp.ok, &resp.error) {
         (false, Some(e)) => Err(ControlError::Refused(e.clone())),
         (false, None) => Err(ControlError::Refused("unspecified error".into())),
@@ -109,14 +110,10 @@ pub fn request(
 /// Reads one request from a freshly accepted connection (bounded in size and time, so a stuck
 /// or hostile client cannot stall the VMM's event loop for long).
 pub fn read_request(stream: &UnixStream) -> Result<ControlRequest, String> {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
     let mut line = String::new();
     let mut reader = BufReader::new(std::io::Read::take(stream, 64 * 1024));
-    reader
-        .read_line(&mut line)
-        .map_err(|e| format!("reading request: {e}"))?;
+    reader.read_line(&mut line).map_err(|e| format!("reading request: {e}"))?;
     serde_json::from_str(line.trim()).map_err(|e| format!("invalid request: {e}"))
 }
 

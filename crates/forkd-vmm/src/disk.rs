@@ -29,15 +29,13 @@ pub enum DiskError {
     #[error("cannot open disk image {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
     #[error("disk layer {path} is {actual} bytes, expected {expected} (the base image size)")]
-    LayerSize {
-        path: PathBuf,
-        actual: u64,
-        expected: u64,
-    },
+    LayerSize { path: PathBuf, actual: u64, expected: u64 },
     #[error("disk image {path} is empty or not a multiple of 512 bytes ({size} bytes)")]
     BaseSize { path: PathBuf, size: u64 },
     #[error("disk layer chain is deeper than {MAX_LAYERS}; compact the sandbox's disk")]
     TooDeep,
+    #[error("the disk has no writable layer (a read-only disk cannot be branched)")]
+    NoWritableLayer,
     #[error("scanning disk layer {path}: {source}")]
     Scan { path: PathBuf, source: io::Error },
 }
@@ -64,10 +62,7 @@ fn open(path: &Path, write: bool) -> Result<File, DiskError> {
         .write(write)
         .custom_flags(libc::O_CLOEXEC)
         .open(path)
-        .map_err(|source| DiskError::Open {
-            path: path.into(),
-            source,
-        })
+        .map_err(|source| DiskError::Open { path: path.into(), source })
 }
 
 impl LayeredDisk {
@@ -78,18 +73,9 @@ impl LayeredDisk {
             return Err(DiskError::TooDeep);
         }
         let base_file = open(base, false)?;
-        let size = base_file
-            .metadata()
-            .map_err(|source| DiskError::Open {
-                path: base.into(),
-                source,
-            })?
-            .len();
+        let size = base_file.metadata().map_err(|source| DiskError::Open { path: base.into(), source })?.len();
         if size == 0 || size % 512 != 0 {
-            return Err(DiskError::BaseSize {
-                path: base.into(),
-                size,
-            });
+            return Err(DiskError::BaseSize { path: base.into(), size });
         }
         let blocks = size.div_ceil(BLOCK_SIZE) as usize;
         let mut disk = LayeredDisk {
@@ -111,35 +97,21 @@ impl LayeredDisk {
 
     fn push_layer(&mut self, path: &Path, writable: bool) -> Result<(), DiskError> {
         let file = open(path, writable)?;
-        let actual = file
-            .metadata()
-            .map_err(|source| DiskError::Open {
-                path: path.into(),
-                source,
-            })?
-            .len();
+        let actual = file.metadata().map_err(|source| DiskError::Open { path: path.into(), source })?.len();
         if actual != self.size {
-            return Err(DiskError::LayerSize {
-                path: path.into(),
-                actual,
-                expected: self.size,
-            });
+            return Err(DiskError::LayerSize { path: path.into(), actual, expected: self.size });
         }
         let number = (self.layers.len() + 1) as Owner;
-        for (start, end) in data_extents(&file, self.size).map_err(|source| DiskError::Scan {
-            path: path.into(),
-            source,
-        })? {
+        for (start, end) in
+            data_extents(&file, self.size).map_err(|source| DiskError::Scan { path: path.into(), source })?
+        {
             let first = (start / BLOCK_SIZE) as usize;
             let last = (end.div_ceil(BLOCK_SIZE) as usize).min(self.owner.len());
             for owner in &mut self.owner[first.min(last)..last] {
                 *owner = number;
             }
         }
-        self.layers.push(Layer {
-            file,
-            path: path.into(),
-        });
+        self.layers.push(Layer { file, path: path.into() });
         Ok(())
     }
 
@@ -171,10 +143,7 @@ impl LayeredDisk {
     fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "access beyond the end of the disk",
-            )),
+            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "access beyond the end of the disk")),
         }
     }
 
@@ -194,8 +163,7 @@ impl LayeredDisk {
                 next += 1;
             }
             let n = ((run_end.min(offset + buf.len() as u64)) - pos) as usize;
-            self.source(owner)
-                .read_exact_at(&mut buf[done..done + n], pos)?;
+            self.source(owner).read_exact_at(&mut buf[done..done + n], pos)?;
             done += n;
         }
         Ok(())
@@ -204,10 +172,7 @@ impl LayeredDisk {
     /// Writes `buf` at `offset` into the top layer, copying up partially written blocks.
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         if self.layers.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "disk is read-only",
-            ));
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "disk is read-only"));
         }
         self.check_range(offset, buf.len())?;
         let top = self.layers.len() as Owner;
@@ -220,19 +185,14 @@ impl LayeredDisk {
             let n = ((block_end - pos) as usize).min(buf.len() - done);
             let whole = pos == block_start && n as u64 == block_end - block_start;
             if self.owner[block] == top || whole {
-                self.layers[top as usize - 1]
-                    .file
-                    .write_all_at(&buf[done..done + n], pos)?;
+                self.layers[top as usize - 1].file.write_all_at(&buf[done..done + n], pos)?;
             } else {
                 // Copy up: the block lives below; write it whole so presence stays exact.
                 let mut tmp = vec![0u8; (block_end - block_start) as usize];
-                self.source(self.owner[block])
-                    .read_exact_at(&mut tmp, block_start)?;
+                self.source(self.owner[block]).read_exact_at(&mut tmp, block_start)?;
                 let at = (pos - block_start) as usize;
                 tmp[at..at + n].copy_from_slice(&buf[done..done + n]);
-                self.layers[top as usize - 1]
-                    .file
-                    .write_all_at(&tmp, block_start)?;
+                self.layers[top as usize - 1].file.write_all_at(&tmp, block_start)?;
             }
             self.owner[block] = top;
             done += n;
@@ -248,41 +208,78 @@ impl LayeredDisk {
         }
     }
 
-    /// Freezes the current top layer and continues on a new empty top layer at `new_top`.
-    /// Used by BRANCH: the frozen layer is shared (hard-linked) by parent and children.
-    pub fn freeze_and_push(&mut self, new_top: &Path) -> Result<(), DiskError> {
+    /// BRANCH in the source: freezes the top layer and continues on a new empty layer next to
+    /// it (`layer-NNN`, NNN = depth). The frozen layer is never written again, so children can
+    /// share it.
+    pub fn branch_point(&mut self) -> Result<(), DiskError> {
         if self.layers.len() + 1 >= MAX_LAYERS {
             return Err(DiskError::TooDeep);
         }
-        if let Some(top) = self.layers.last_mut() {
-            top.file.sync_all().map_err(|source| DiskError::Open {
-                path: top.path.clone(),
-                source,
-            })?;
-            // Reopen read-only: the frozen layer must never be written again.
-            top.file = open(&top.path, false)?;
-        }
-        create_layer(new_top, self.size)?;
-        let file = open(new_top, true)?;
-        self.layers.push(Layer {
-            file,
-            path: new_top.into(),
-        });
+        let top = self.layers.last_mut().ok_or(DiskError::NoWritableLayer)?;
+        let dir = top.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // Reopen read-only: the frozen layer must never be written again.
+        top.file = open(&top.path, false)?;
+        let next = dir.join(layer_name(self.layers.len()));
+        create_layer(&next, self.size)?;
+        let file = open(&next, true)?;
+        self.layers.push(Layer { file, path: next });
         Ok(())
     }
 
-    /// Replaces the (empty, just pushed) top layer with another empty layer file. BRANCH
-    /// children use this so each gets its own top layer after `freeze_and_push`.
-    pub fn replace_top(&mut self, path: &Path) -> Result<(), DiskError> {
-        create_layer(path, self.size)?;
-        let file = open(path, true)?;
-        if let Some(top) = self.layers.last_mut() {
-            *top = Layer {
-                file,
-                path: path.into(),
-            };
+    /// BRANCH in a child: hard-links every frozen layer into `dir` (the filesystem's link
+    /// count then keeps them alive as long as any sandbox uses them) and replaces the top,
+    /// which is the source's new layer, with a new empty layer of the child's own. Returns
+    /// the child's chain, bottom to top.
+    pub fn adopt_in_child(&mut self, dir: &Path) -> Result<Vec<PathBuf>, DiskError> {
+        std::fs::create_dir_all(dir).map_err(|source| DiskError::Open { path: dir.into(), source })?;
+        let depth = self.layers.len();
+        for layer in self.layers.iter_mut().take(depth.saturating_sub(1)) {
+            let name = layer.path.file_name().map(PathBuf::from).unwrap_or_default();
+            let link = dir.join(name);
+            if link != layer.path {
+                match std::fs::hard_link(&layer.path, &link) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(source) => return Err(DiskError::Open { path: link, source }),
+                }
+                layer.path = link;
+            }
         }
-        Ok(())
+        let top = dir.join(layer_name(depth.saturating_sub(1)));
+        create_layer(&top, self.size)?;
+        let file = open(&top, true)?;
+        match self.layers.last_mut() {
+            Some(last) => *last = Layer { file, path: top },
+            None => return Err(DiskError::NoWritableLayer),
+        }
+        Ok(self.layer_paths())
+    }
+}
+
+/// Name of the `n`-th layer (from the bottom) of a disk chain.
+pub fn layer_name(n: usize) -> String {
+    format!("layer-{n:03}")
+}
+
+/// A disk shared between its virtio-blk device and the VMM (which freezes and re-tops it on
+/// BRANCH). Only the event-loop thread touches it, so the lock is uncontended.
+pub struct SharedDisk(pub std::sync::Arc<std::sync::Mutex<LayeredDisk>>);
+
+impl forkd_virtio::DiskBackend for SharedDisk {
+    fn size(&self) -> u64 {
+        crate::bus::lock(&self.0).size()
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        crate::bus::lock(&self.0).read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        crate::bus::lock(&self.0).write_at(buf, offset)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        crate::bus::lock(&self.0).flush()
+    }
+    fn read_only(&self) -> bool {
+        crate::bus::lock(&self.0).read_only()
     }
 }
 
@@ -311,14 +308,8 @@ pub fn create_layer(path: &Path, size: u64) -> Result<(), DiskError> {
         .create_new(true)
         .custom_flags(libc::O_CLOEXEC)
         .open(path)
-        .map_err(|source| DiskError::Open {
-            path: path.into(),
-            source,
-        })?;
-    file.set_len(size).map_err(|source| DiskError::Open {
-        path: path.into(),
-        source,
-    })
+        .map_err(|source| DiskError::Open { path: path.into(), source })?;
+    file.set_len(size).map_err(|source| DiskError::Open { path: path.into(), source })
 }
 
 /// Allocated byte ranges of a file, via `SEEK_DATA`/`SEEK_HOLE`.
@@ -408,23 +399,31 @@ mod tests {
     fn freeze_gives_independent_tops_over_a_shared_chain() {
         let dir = tempfile::tempdir().unwrap();
         let b = base(dir.path(), 8 * 4096);
-        let l0 = dir.path().join("l0");
+        let pdir = dir.path().join("parent");
+        std::fs::create_dir(&pdir).unwrap();
+        let l0 = pdir.join(layer_name(0));
         let mut parent = LayeredDisk::open(&b, std::slice::from_ref(&l0)).unwrap();
         parent.write_at(&[1; 4096], 0).unwrap();
-        parent
-            .freeze_and_push(&dir.path().join("parent-top"))
-            .unwrap();
-        // A child opens the frozen chain with its own top.
-        let mut child = LayeredDisk::open(&b, &[l0.clone(), dir.path().join("child-top")]).unwrap();
+        parent.branch_point().unwrap();
+        assert_eq!(parent.layer_paths(), vec![l0.clone(), pdir.join("layer-001")]);
+        // What a forked child does with its copy of the disk.
+        let mut child = LayeredDisk::open(&b, &parent.layer_paths()).unwrap();
+        let chain = child.adopt_in_child(&dir.path().join("child")).unwrap();
+        assert_eq!(chain, vec![dir.path().join("child/layer-000"), dir.path().join("child/layer-001")]);
+        // The frozen layer is shared by hard link, not copied.
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&l0).unwrap().ino(), std::fs::metadata(&chain[0]).unwrap().ino());
         parent.write_at(&[2; 4096], 0).unwrap();
         child.write_at(&[3; 4096], 4096).unwrap();
         assert_eq!(read(&parent, 0, 1), vec![2]);
         assert_eq!(read(&parent, 4096, 1), vec![1]);
         assert_eq!(read(&child, 0, 1), vec![1]);
         assert_eq!(read(&child, 4096, 1), vec![3]);
-        // The frozen layer stayed as it was at the freeze.
-        let frozen = LayeredDisk::open(&b, &[l0, dir.path().join("probe-top")]).unwrap();
+        // The frozen layer stayed as it was at the freeze, and outlives the parent's files.
+        std::fs::remove_dir_all(&pdir).unwrap();
+        let frozen = LayeredDisk::open(&b, &[chain[0].clone(), dir.path().join("probe-top")]).unwrap();
         assert_eq!(read(&frozen, 0, 1), vec![1]);
+        assert_eq!(read(&frozen, 4096, 1), vec![1]);
     }
 
     #[test]
@@ -438,13 +437,7 @@ mod tests {
         let ro = LayeredDisk::open(&b, &[]).unwrap();
         assert!(ro.read_only());
         std::fs::write(dir.path().join("short"), b"x").unwrap();
-        assert!(matches!(
-            LayeredDisk::open(&b, &[dir.path().join("short")]),
-            Err(DiskError::LayerSize { .. })
-        ));
-        assert!(matches!(
-            LayeredDisk::open(Path::new("/no/such"), &[]),
-            Err(DiskError::Open { .. })
-        ));
+        assert!(matches!(LayeredDisk::open(&b, &[dir.path().join("short")]), Err(DiskError::LayerSize { .. })));
+        assert!(matches!(LayeredDisk::open(Path::new("/no/such"), &[]), Err(DiskError::Open { .. })));
     }
 }

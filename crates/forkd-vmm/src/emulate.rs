@@ -8,9 +8,7 @@
 //! naming the instruction, its bytes, and the kernel symbol it sits in.
 
 use crate::memory::GuestMemory;
-use iced_x86::{
-    Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, Mnemonic, OpKind, Register,
-};
+use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use std::collections::BTreeMap;
@@ -22,14 +20,8 @@ use vm_memory::{Bytes, GuestAddress};
 #[derive(Debug, thiserror::Error)]
 pub enum EmulationFailure {
     #[error("the host cannot execute `{disasm}` (bytes {bytes}) at guest RIP {rip:#x}; hide the feature through CPUID or avoid it in the guest kernel (see docs/host-compat.md)")]
-    Unsupported {
-        rip: u64,
-        bytes: String,
-        disasm: String,
-    },
-    #[error(
-        "emulation failed at guest RIP {rip:#x} and the instruction bytes are unreadable: {reason}"
-    )]
+    Unsupported { rip: u64, bytes: String, disasm: String },
+    #[error("emulation failed at guest RIP {rip:#x} and the instruction bytes are unreadable: {reason}")]
     Unreadable { rip: u64, reason: String },
     #[error("emulation failed: reading vCPU state: {0}")]
     Kvm(String),
@@ -38,8 +30,7 @@ pub enum EmulationFailure {
 impl EmulationFailure {
     pub fn rip(&self) -> u64 {
         match self {
-            EmulationFailure::Unsupported { rip, .. }
-            | EmulationFailure::Unreadable { rip, .. } => *rip,
+            EmulationFailure::Unsupported { rip, .. } | EmulationFailure::Unreadable { rip, .. } => *rip,
             EmulationFailure::Kvm(_) => 0,
         }
     }
@@ -86,10 +77,8 @@ impl PagedMemory<'_> {
         }
         let entry = |table: u64, index: u64| -> Result<u64, String> {
             let addr = (table & ADDR_MASK) + index * 8;
-            let e: u64 = self
-                .memory
-                .read_obj(GuestAddress(addr))
-                .map_err(|e| format!("page table at {addr:#x}: {e}"))?;
+            let e: u64 =
+                self.memory.read_obj(GuestAddress(addr)).map_err(|e| format!("page table at {addr:#x}: {e}"))?;
             if e & PTE_PRESENT == 0 {
                 return Err(format!("{gva:#x} is not mapped"));
             }
@@ -127,30 +116,19 @@ impl GuestVirtualMemory for PagedMemory<'_> {
 }
 
 /// Fetches, decodes and, if supported, completes the instruction at the vCPU's RIP.
-pub fn complete_instruction(
-    fd: &VcpuFd,
-    memory: &GuestMemory,
-) -> Result<Completed, EmulationFailure> {
-    let mut regs = fd
-        .get_regs()
-        .map_err(|e| EmulationFailure::Kvm(e.to_string()))?;
-    let sregs = fd
-        .get_sregs()
-        .map_err(|e| EmulationFailure::Kvm(e.to_string()))?;
+pub fn complete_instruction(fd: &VcpuFd, memory: &GuestMemory) -> Result<Completed, EmulationFailure> {
+    let mut regs = fd.get_regs().map_err(|e| EmulationFailure::Kvm(e.to_string()))?;
+    let sregs = fd.get_sregs().map_err(|e| EmulationFailure::Kvm(e.to_string()))?;
     let mem = PagedMemory { memory, sregs };
     let done = complete(&mut regs, &sregs, &mem)?;
-    fd.set_regs(&regs)
-        .map_err(|e| EmulationFailure::Kvm(e.to_string()))?;
+    fd.set_regs(&regs).map_err(|e| EmulationFailure::Kvm(e.to_string()))?;
     if let Some(vector) = done.inject {
-        let mut events = fd
-            .get_vcpu_events()
-            .map_err(|e| EmulationFailure::Kvm(e.to_string()))?;
+        let mut events = fd.get_vcpu_events().map_err(|e| EmulationFailure::Kvm(e.to_string()))?;
         events.exception.injected = 1;
         events.exception.nr = vector;
         events.exception.has_error_code = 0;
         events.exception.error_code = 0;
-        fd.set_vcpu_events(&events)
-            .map_err(|e| EmulationFailure::Kvm(e.to_string()))?;
+        fd.set_vcpu_events(&events).map_err(|e| EmulationFailure::Kvm(e.to_string()))?;
     }
     Ok(done)
 }
@@ -189,11 +167,7 @@ pub fn complete(
             disasm = "(invalid instruction)".into();
         }
         let shown = &bytes[..insn.len().max(1).min(len)];
-        EmulationFailure::Unsupported {
-            rip,
-            bytes: hex_bytes(shown),
-            disasm,
-        }
+        EmulationFailure::Unsupported { rip, bytes: hex_bytes(shown), disasm }
     };
     if insn.is_invalid() {
         return Err(unsupported());
@@ -215,11 +189,7 @@ pub fn complete(
         Mnemonic::Lzcnt => {
             let width = insn.op0_register().size() as u32 * 8;
             let src = read_source(&insn, regs, sregs, mem).ok_or_else(unsupported)?;
-            let count = if src == 0 {
-                width
-            } else {
-                src.leading_zeros() - (64 - width)
-            } as u64;
+            let count = if src == 0 { width } else { src.leading_zeros() - (64 - width) } as u64;
             write_dest(&insn, regs, count).ok_or_else(unsupported)?;
             let cf = if src == 0 { FLAG_CF } else { 0 };
             let zf = if count == 0 { FLAG_ZF } else { 0 };
@@ -229,11 +199,7 @@ pub fn complete(
         _ => return Err(unsupported()),
     };
     regs.rip = insn.next_ip();
-    Ok(Completed {
-        rip,
-        mnemonic,
-        inject,
-    })
+    Ok(Completed { rip, mnemonic, inject })
 }
 
 const FLAG_CF: u64 = 1 << 0;
@@ -242,11 +208,7 @@ const FLAG_ZF: u64 = 1 << 6;
 const ARITH_FLAGS: u64 = 0x8d5;
 
 fn hex_bytes(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
 }
 
 fn gpr(regs: &mut kvm_regs, reg: Register) -> Option<&mut u64> {
@@ -373,10 +335,7 @@ impl Symbols {
 
     /// `function+0xoffset` for a code address, if it falls inside the kernel text.
     pub fn describe(&self, addr: u64) -> Option<String> {
-        let idx = self
-            .sorted
-            .partition_point(|(a, _)| *a <= addr)
-            .checked_sub(1)?;
+        let idx = self.sorted.partition_point(|(a, _)| *a <= addr).checked_sub(1)?;
         let (base, name) = &self.sorted[idx];
         (addr - base < 0x10_0000).then(|| format!("{name}+{:#x}", addr - base))
     }
@@ -399,13 +358,7 @@ mod tests {
     }
 
     fn long_mode() -> kvm_sregs {
-        kvm_sregs {
-            cs: kvm_segment {
-                l: 1,
-                ..Default::default()
-            },
-            ..Default::default()
-        }
+        kvm_sregs { cs: kvm_segment { l: 1, ..Default::default() }, ..Default::default() }
     }
 
     fn run(code: &[u8], regs: &mut kvm_regs) -> Result<Completed, EmulationFailure> {
@@ -429,54 +382,34 @@ mod tests {
     fn int3_advances_and_injects_a_breakpoint() {
         let mut regs = kvm_regs::default();
         let done = run(&[0xcc], &mut regs).unwrap();
-        assert_eq!(
-            (done.mnemonic, done.inject, regs.rip),
-            ("int3", Some(3), 0x101)
-        );
+        assert_eq!((done.mnemonic, done.inject, regs.rip), ("int3", Some(3), 0x101));
     }
 
     #[test]
     fn popcnt_register_and_memory_forms() {
         // popcnt rax, rcx
-        let mut regs = kvm_regs {
-            rcx: 0xff00_0000_0000_0001,
-            rflags: 0x2 | FLAG_ZF,
-            ..Default::default()
-        };
+        let mut regs = kvm_regs { rcx: 0xff00_0000_0000_0001, rflags: 0x2 | FLAG_ZF, ..Default::default() };
         run(&[0xf3, 0x48, 0x0f, 0xb8, 0xc1], &mut regs).unwrap();
         assert_eq!(regs.rax, 9);
         assert_eq!(regs.rflags & FLAG_ZF, 0);
         assert_eq!(regs.rip, 0x105);
         // popcnt eax, ecx zero-extends and sets ZF for a zero source
-        let mut regs = kvm_regs {
-            rax: u64::MAX,
-            rcx: 0xffff_ffff_0000_0000,
-            ..Default::default()
-        };
+        let mut regs = kvm_regs { rax: u64::MAX, rcx: 0xffff_ffff_0000_0000, ..Default::default() };
         run(&[0xf3, 0x0f, 0xb8, 0xc1], &mut regs).unwrap();
         assert_eq!(regs.rax, 0);
         assert_ne!(regs.rflags & FLAG_ZF, 0);
         // popcnt rdx, [rbx+8]
-        let mut regs = kvm_regs {
-            rbx: 0x1000 - 8,
-            ..Default::default()
-        };
+        let mut regs = kvm_regs { rbx: 0x1000 - 8, ..Default::default() };
         run(&[0xf3, 0x48, 0x0f, 0xb8, 0x53, 0x08], &mut regs).unwrap();
         assert_eq!(regs.rdx, 8);
     }
 
     #[test]
     fn lzcnt_counts_at_operand_width() {
-        let mut regs = kvm_regs {
-            rcx: 1,
-            ..Default::default()
-        };
+        let mut regs = kvm_regs { rcx: 1, ..Default::default() };
         run(&[0xf3, 0x0f, 0xbd, 0xc1], &mut regs).unwrap(); // lzcnt eax, ecx
         assert_eq!(regs.rax, 31);
-        let mut regs = kvm_regs {
-            rcx: 0,
-            ..Default::default()
-        };
+        let mut regs = kvm_regs { rcx: 0, ..Default::default() };
         run(&[0xf3, 0x48, 0x0f, 0xbd, 0xc1], &mut regs).unwrap(); // lzcnt rax, rcx
         assert_eq!(regs.rax, 64);
         assert_ne!(regs.rflags & FLAG_CF, 0);
@@ -505,16 +438,8 @@ mod tests {
         w(0x3000, 0x4000 | 3);
         w(0x3008, 0x40_0000 | 0x83);
         w(0x4000 + 5 * 8, 0x9000 | 3);
-        let sregs = kvm_sregs {
-            cr0: CR0_PG,
-            efer: EFER_LMA,
-            cr3: 0x1000,
-            ..Default::default()
-        };
-        let pm = PagedMemory {
-            memory: &memory,
-            sregs,
-        };
+        let sregs = kvm_sregs { cr0: CR0_PG, efer: EFER_LMA, cr3: 0x1000, ..Default::default() };
+        let pm = PagedMemory { memory: &memory, sregs };
         assert_eq!(pm.translate(0x5123).unwrap(), 0x9123);
         assert_eq!(pm.translate(0x20_0456).unwrap(), 0x40_0456);
         assert_eq!(pm.translate((1 << 30) + 0x789).unwrap(), 0x789);
@@ -523,9 +448,7 @@ mod tests {
 
     #[test]
     fn symbols_name_addresses() {
-        let s = Symbols::parse(
-            "ffffffff81000000 T _text\nffffffff81000100 t foo\nffffffff81000200 D data\n",
-        );
+        let s = Symbols::parse("ffffffff81000000 T _text\nffffffff81000100 t foo\nffffffff81000200 D data\n");
         assert_eq!(s.describe(0xffffffff81000104).as_deref(), Some("foo+0x4"));
         assert_eq!(s.describe(0x1000), None);
     }

@@ -14,10 +14,7 @@ pub struct IrqLine {
 impl IrqLine {
     /// Creates an unbound line for `gsi`; the VM binds `event()` with `KVM_IRQFD`.
     pub fn new(gsi: u32) -> io::Result<Self> {
-        Ok(Self {
-            gsi,
-            event: EventFd::new(libc::EFD_NONBLOCK)?,
-        })
+        Ok(Self { gsi, event: EventFd::new(libc::EFD_NONBLOCK)? })
     }
 
     pub fn gsi(&self) -> u32 {

@@ -5,6 +5,8 @@
 //! `docs/vmm.md` for the design and `docs/host-compat.md` for running on emulating hosts.
 
 pub mod arch;
+pub mod backend;
+pub mod branch;
 pub mod bus;
 pub mod config;
 pub mod control;
@@ -22,15 +24,10 @@ pub use config::VmConfig;
 /// Everything that can go wrong building or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    #[error(
-        "cannot open /dev/kvm: {0}; is KVM available and are you root? (`forkd doctor` checks)"
-    )]
+    #[error("cannot open /dev/kvm: {0}; is KVM available and are you root? (`forkd doctor` checks)")]
     KvmOpen(String),
     #[error("KVM: {what}: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
@@ -45,11 +42,12 @@ pub enum VmmError {
     Bus(#[from] bus::BusError),
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    #[error("vCPU/VM state: {0}")]
+    State(String),
+    #[error("device: {0}")]
+    Device(String),
     #[error("root disk: {0}")]
     Disk(String),
     #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    Io { what: String, source: std::io::Error },
 }

@@ -12,9 +12,7 @@ pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error(
-        "guest memory of {mib} MiB is below the minimum of {min} MiB; ask for at least {min}M"
-    )]
+    #[error("guest memory of {mib} MiB is below the minimum of {min} MiB; ask for at least {min}M")]
     TooSmall { mib: u64, min: u64 },
     #[error("guest memory of {mib} MiB is above the maximum of {max} MiB")]
     TooLarge { mib: u64, max: u64 },
@@ -30,16 +28,10 @@ pub const MAX_MEMORY_MIB: u64 = 256 * 1024;
 /// Maps `mib` MiB of guest RAM laid out around the 32-bit MMIO gap, advising THP.
 pub fn create_guest_memory(mib: u64) -> Result<GuestMemory, MemoryError> {
     if mib < MIN_MEMORY_MIB {
-        return Err(MemoryError::TooSmall {
-            mib,
-            min: MIN_MEMORY_MIB,
-        });
+        return Err(MemoryError::TooSmall { mib, min: MIN_MEMORY_MIB });
     }
     if mib > MAX_MEMORY_MIB {
-        return Err(MemoryError::TooLarge {
-            mib,
-            max: MAX_MEMORY_MIB,
-        });
+        return Err(MemoryError::TooLarge { mib, max: MAX_MEMORY_MIB });
     }
     let mut regions = Vec::new();
     for (guest, len) in layout::ram_ranges(mib << 20) {
@@ -49,28 +41,16 @@ pub fn create_guest_memory(mib: u64) -> Result<GuestMemory, MemoryError> {
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
         )
-        .map_err(|e| MemoryError::Mmap {
-            mib,
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| MemoryError::Mmap { mib, reason: e.to_string() })?;
         // SAFETY: advising a mapping we own; failure only costs performance, not correctness.
-        if unsafe { libc::madvise(mapping.as_ptr().cast(), mapping.size(), libc::MADV_HUGEPAGE) }
-            != 0
-        {
+        if unsafe { libc::madvise(mapping.as_ptr().cast(), mapping.size(), libc::MADV_HUGEPAGE) } != 0 {
             tracing::warn!("MADV_HUGEPAGE failed: {}", std::io::Error::last_os_error());
         }
-        let region = GuestRegionMmap::new(mapping, GuestAddress(guest)).ok_or_else(|| {
-            MemoryError::Mmap {
-                mib,
-                reason: format!("region at {guest:#x} overflows"),
-            }
-        })?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(guest))
+            .ok_or_else(|| MemoryError::Mmap { mib, reason: format!("region at {guest:#x} overflows") })?;
         regions.push(region);
     }
-    GuestMemory::from_regions(regions).map_err(|e| MemoryError::Mmap {
-        mib,
-        reason: e.to_string(),
-    })
+    GuestMemory::from_regions(regions).map_err(|e| MemoryError::Mmap { mib, reason: e.to_string() })
 }
 
 /// Total RAM in bytes.
@@ -85,14 +65,8 @@ mod tests {
 
     #[test]
     fn rejects_out_of_range_sizes() {
-        assert!(matches!(
-            create_guest_memory(16),
-            Err(MemoryError::TooSmall { .. })
-        ));
-        assert!(matches!(
-            create_guest_memory(MAX_MEMORY_MIB + 1),
-            Err(MemoryError::TooLarge { .. })
-        ));
+        assert!(matches!(create_guest_memory(16), Err(MemoryError::TooSmall { .. })));
+        assert!(matches!(create_guest_memory(MAX_MEMORY_MIB + 1), Err(MemoryError::TooLarge { .. })));
     }
 
     #[test]
@@ -103,11 +77,7 @@ mod tests {
         let large = create_guest_memory(4096).unwrap();
         assert_eq!(large.num_regions(), 2);
         assert_eq!(ram_size(&large), 4096 << 20);
-        assert!(large
-            .write_obj(0xabu8, GuestAddress(layout::MMIO_GAP_START))
-            .is_err());
-        large
-            .write_obj(0xabu8, GuestAddress(layout::HIGH_RAM_START))
-            .unwrap();
+        assert!(large.write_obj(0xabu8, GuestAddress(layout::MMIO_GAP_START)).is_err());
+        large.write_obj(0xabu8, GuestAddress(layout::HIGH_RAM_START)).unwrap();
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Requests are parsed by the control subscriber but executed here, with full access to the
 //! machine: that keeps every state change on one thread, which BRANCH relies on (the forking
-//! thread is the only thread that is not parked).
+//! thread is the only thread that is not parked). A BRANCH child leaves the loop with its new
+//! machine and config and enters it again, with its own control socket and event loop.
 
+use crate::branch::{self, BranchSide};
 use crate::control::{self, ControlRequest, ControlResponse, VmStatus};
 use crate::machine::Machine;
 use crate::vcpu::GuestExit;
@@ -74,58 +76,72 @@ pub enum Outcome {
     Crashed(String),
 }
 
-/// Boots `config` and serves it until the VM ends.
-pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
-    let io = |what: &str| {
-        let what = what.to_string();
-        move |source| VmmError::Io { what, source }
-    };
-    let _ = std::fs::remove_file(&config.control_socket);
-    let listener = UnixListener::bind(&config.control_socket).map_err(io(&format!(
-        "binding control socket {}",
-        config.control_socket.display()
-    )))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(io("control socket"))?;
+/// What one pass of the serve loop ended with.
+enum Served {
+    Done(Outcome),
+    /// This process became a BRANCH child: serve the new machine.
+    BecameChild(Box<Machine>, Box<VmConfig>),
+}
 
+fn bind_control(config: &VmConfig) -> Result<UnixListener, VmmError> {
+    let path = &config.control_socket;
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .map_err(|source| VmmError::Io { what: format!("binding control socket {}", path.display()), source })?;
+    listener.set_nonblocking(true).map_err(|source| VmmError::Io { what: "control socket".into(), source })?;
+    Ok(listener)
+}
+
+/// Boots `config` and serves it (and, in BRANCH children, their own VMs) until it ends.
+pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
+    // Sockets exist before the guest boots, so launchers can connect as soon as it is up.
+    let listener = bind_control(config)?;
     let started = Instant::now();
     let machine = Machine::boot(config)?;
     tracing::info!("booted in {:?}", started.elapsed());
+    let mut current = (machine, config.clone(), listener);
+    loop {
+        let (machine, config, listener) = current;
+        match serve(machine, config, listener)? {
+            Served::Done(outcome) => return Ok(outcome),
+            Served::BecameChild(machine, config) => {
+                let listener = bind_control(&config)?;
+                tracing::info!("branch child serving {}", config.control_socket.display());
+                current = (*machine, *config, listener);
+            }
+        }
+    }
+}
 
-    let mut manager: EventManager<Subscriber> = EventManager::new().map_err(|e| VmmError::Io {
-        what: format!("event loop: {e:?}"),
-        source: std::io::Error::other("epoll"),
-    })?;
+fn serve(mut machine: Machine, mut config: VmConfig, listener: UnixListener) -> Result<Served, VmmError> {
+    let started = Instant::now();
+    let mut manager: EventManager<Subscriber> = EventManager::new()
+        .map_err(|e| VmmError::Io { what: format!("event loop: {e:?}"), source: std::io::Error::other("epoll") })?;
     let pending: Pending = Arc::default();
-    manager.add_subscriber(Arc::new(Mutex::new(ControlListener {
-        listener,
-        pending: pending.clone(),
-    })));
-    manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
-        control: machine.control.clone(),
-    })));
-    for slot in &machine.virtio {
+    manager.add_subscriber(Arc::new(Mutex::new(ControlListener { listener, pending: pending.clone() })));
+    manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher { control: machine.control.clone() })));
+    for (_, slot) in &machine.virtio {
         manager.add_subscriber(slot.transport.clone());
     }
 
     let mut paused = false;
-    let outcome = loop {
+    loop {
         if let Err(e) = manager.run_with_timeout(1000) {
             tracing::warn!("event loop: {e:?}");
         }
         if let Some(exit) = machine.control.take_exit() {
-            break match exit {
+            let outcome = match exit {
                 GuestExit::Shutdown(why) => Outcome::Stopped(why),
                 GuestExit::Fatal(why) => Outcome::Crashed(why),
             };
+            finish(machine, &config);
+            return Ok(Served::Done(outcome));
         }
         let requests: Vec<_> = crate::bus::lock(&pending).drain(..).collect();
-        let mut stop = None;
         for (stream, req) in requests {
             let resp = match req {
                 ControlRequest::Status => ControlResponse {
-                    status: Some(status(config, &machine, started, paused)),
+                    status: Some(status(&config, &machine, started, paused)),
                     ..ControlResponse::ok()
                 },
                 ControlRequest::Pause => {
@@ -139,23 +155,67 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
                     ControlResponse::ok()
                 }
                 ControlRequest::Shutdown => {
-                    stop = Some(Outcome::Stopped("shutdown requested".into()));
-                    ControlResponse::ok()
+                    control::write_response(&stream, &ControlResponse::ok());
+                    finish(machine, &config);
+                    return Ok(Served::Done(Outcome::Stopped("shutdown requested".into())));
+                }
+                ControlRequest::Branch { children } => {
+                    if let Some(bad) = children.iter().find(|d| !d.is_dir()) {
+                        control::write_response(
+                            &stream,
+                            &ControlResponse::error(format!("child directory {} does not exist", bad.display())),
+                        );
+                        continue;
+                    }
+                    match branch::branch(machine, &config, &children) {
+                        BranchSide::Child(machine, config) => {
+                            // The parent answers the request; this copy of the stream just closes.
+                            drop(stream);
+                            return Ok(Served::BecameChild(machine, config));
+                        }
+                        BranchSide::Parent(m, report) => {
+                            machine = m;
+                            if paused {
+                                machine.vcpus.park();
+                            }
+                            record_disk_chain(&machine, &mut config);
+                            match report {
+                                Ok(report) => ControlResponse { branch: Some(report), ..ControlResponse::ok() },
+                                Err(e) => ControlResponse::error(e),
+                            }
+                        }
+                    }
                 }
             };
             control::write_response(&stream, &resp);
         }
-        if let Some(outcome) = stop {
-            break outcome;
+    }
+}
+
+/// After a BRANCH the source writes to a new top layer; keep its config (and vm.json, which
+/// `forkd inspect` shows) in step.
+fn record_disk_chain(machine: &Machine, config: &mut VmConfig) {
+    if let (Some(disk), Some(root)) = (&machine.disk, &mut config.root_disk) {
+        root.layers = crate::bus::lock(disk).layer_paths();
+        if let Some(path) =
+            root.layers.last().and_then(|top| top.parent()).and_then(|d| d.parent()).map(|d| d.join("vm.json"))
+        {
+            if path.exists() {
+                if let Ok(json) = serde_json::to_vec_pretty(&config) {
+                    let _ = std::fs::write(path, json);
+                }
+            }
         }
-    };
+    }
+}
+
+fn finish(machine: Machine, config: &VmConfig) {
     crate::bus::lock(&machine.serial).flush();
     machine.vcpus.stop();
     let _ = std::fs::remove_file(&config.control_socket);
     if let Some(vsock) = &config.vsock {
         let _ = std::fs::remove_file(&vsock.uds_path);
     }
-    Ok(outcome)
 }
 
 fn status(config: &VmConfig, machine: &Machine, started: Instant, paused: bool) -> VmStatus {
@@ -163,12 +223,9 @@ fn status(config: &VmConfig, machine: &Machine, started: Instant, paused: bool) 
         pid: std::process::id(),
         state: if paused { "paused" } else { "running" }.into(),
         uptime_ms: started.elapsed().as_millis() as u64,
-        vcpus: config.vcpus,
+        vcpus: machine.vcpu_count(),
         memory_mib: config.memory_mib,
         cpu_profile: format!("{:?}", machine.profile).to_lowercase(),
-        emulated: crate::emulate::counts()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
+        emulated: crate::emulate::counts().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
     }
 }

@@ -4,6 +4,7 @@
 //! the controller sets the desired state and kicks every vCPU with a signal whose handler sets
 //! `kvm_run.immediate_exit`, so a kick can never be lost between the state check and `KVM_RUN`.
 
+use crate::arch::state::{self, VcpuState};
 use crate::arch::{cpuid, regs};
 use crate::bus::Bus;
 use crate::emulate::{self, EmulationFailure};
@@ -20,15 +21,13 @@ pub enum VcpuError {
     #[error("creating vCPU {id}: {source}")]
     Create { id: u8, source: kvm_ioctls::Error },
     #[error("configuring vCPU {id} ({what}): {source}")]
-    Configure {
-        id: u8,
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Configure { id: u8, what: &'static str, source: kvm_ioctls::Error },
     #[error("spawning vCPU thread: {0}")]
     Spawn(std::io::Error),
     #[error("installing the vCPU kick signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("restoring vCPU {id}: {reason}")]
+    Restore { id: u8, reason: String },
 }
 
 /// Why the guest stopped running, as reported to the VMM's main loop.
@@ -48,17 +47,18 @@ enum Desired {
     Exit,
 }
 
-#[derive(Debug)]
 struct ControlState {
     desired: Desired,
     /// Bumped on every request so parked vCPUs can tell a new request from a spurious wakeup.
     generation: u64,
     parked: usize,
     exited: usize,
+    /// When set, each vCPU captures its state into `saved` before parking (BRANCH).
+    save_requested: bool,
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
 
 /// Shared between the VMM's control thread and all vCPU threads.
-#[derive(Debug)]
 pub struct RunControl {
     state: Mutex<ControlState>,
     changed: Condvar,
@@ -75,6 +75,8 @@ impl RunControl {
                 generation: 0,
                 parked: 0,
                 exited: 0,
+                save_requested: false,
+                saved: Vec::new(),
             }),
             changed: Condvar::new(),
             exit: Mutex::new(None),
@@ -147,25 +149,38 @@ pub struct VcpuContext {
     pub control: Arc<RunControl>,
     /// Optional `System.map` for naming guest code addresses in errors.
     pub symbols: Option<Arc<emulate::Symbols>>,
+    /// MSRs captured in vCPU state.
+    pub msr_indices: Arc<Vec<u32>>,
 }
 
 /// A configured vCPU, ready to run on its own thread.
 pub struct Vcpu {
     pub id: u8,
     fd: VcpuFd,
+    /// The CPUID programmed into this vCPU (saved with its state).
+    cpuid: CpuId,
 }
 
 impl Vcpu {
     pub fn create(vm: &VmFd, id: u8) -> Result<Self, VcpuError> {
-        let fd = vm
-            .create_vcpu(id as u64)
-            .map_err(|source| VcpuError::Create { id, source })?;
-        Ok(Self { id, fd })
+        let fd = vm.create_vcpu(id as u64).map_err(|source| VcpuError::Create { id, source })?;
+        let cpuid = CpuId::new(0).map_err(|e| VcpuError::Restore { id, reason: format!("{e:?}") })?;
+        Ok(Self { id, fd, cpuid })
+    }
+
+    /// Recreates a vCPU from captured state (in a BRANCH child, on a fresh VM).
+    pub fn restore(vm: &VmFd, state: &VcpuState) -> Result<Self, VcpuError> {
+        let id = state.id;
+        let mut vcpu = Self::create(vm, id)?;
+        state::restore_vcpu(&vcpu.fd, state).map_err(|e| VcpuError::Restore { id, reason: e.to_string() })?;
+        vcpu.cpuid =
+            CpuId::from_entries(&state.cpuid).map_err(|e| VcpuError::Restore { id, reason: format!("{e:?}") })?;
+        Ok(vcpu)
     }
 
     /// Programs CPUID, MSRs and the boot register state for a fresh boot.
     pub fn configure_boot(
-        &self,
+        &mut self,
         supported: &CpuId,
         count: u8,
         profile: cpuid::CpuProfile,
@@ -175,6 +190,7 @@ impl Vcpu {
         let err = |what| move |source| VcpuError::Configure { id, what, source };
         let cpuid = cpuid::guest_cpuid(supported, id, count, profile);
         self.fd.set_cpuid2(&cpuid).map_err(err("cpuid"))?;
+        self.cpuid = cpuid;
         let msrs = regs::boot_msrs();
         let written = self.fd.set_msrs(&msrs).map_err(err("msrs"))?;
         if written != msrs.as_slice().len() {
@@ -182,20 +198,14 @@ impl Vcpu {
             tracing::warn!("vCPU {id}: KVM refused boot MSR {failed:#x}; continuing without it");
         }
         let sregs = self.fd.get_sregs().map_err(err("get sregs"))?;
-        self.fd
-            .set_sregs(&regs::boot_sregs(sregs))
-            .map_err(err("sregs"))?;
+        self.fd.set_sregs(&regs::boot_sregs(sregs)).map_err(err("sregs"))?;
         self.fd.set_fpu(&regs::boot_fpu()).map_err(err("fpu"))?;
         // Only the boot processor starts at the kernel entry; the others wait for INIT/SIPI.
         if id == 0 {
-            self.fd
-                .set_regs(&regs::boot_regs(entry))
-                .map_err(err("regs"))?;
+            self.fd.set_regs(&regs::boot_regs(entry)).map_err(err("regs"))?;
         }
         let lapic = self.fd.get_lapic().map_err(err("get lapic"))?;
-        self.fd
-            .set_lapic(&regs::boot_lapic(lapic))
-            .map_err(err("lapic"))?;
+        self.fd.set_lapic(&regs::boot_lapic(lapic)).map_err(err("lapic"))?;
         Ok(())
     }
 
@@ -204,13 +214,38 @@ impl Vcpu {
     }
 
     /// Starts the run loop on a new thread.
-    pub fn spawn(self, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
+    pub fn spawn(mut self, ctx: VcpuContext, run_size: usize) -> Result<VcpuHandle, VcpuError> {
         let id = self.id;
+        let kvm_fds = KvmVcpuFds {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+            run: self.fd.get_kvm_run() as *mut kvm_run as usize,
+            run_size,
+        };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || self.run_loop(ctx))
             .map_err(VcpuError::Spawn)?;
-        Ok(VcpuHandle { id, thread })
+        Ok(VcpuHandle { id, thread, kvm_fds })
+    }
+
+    fn park<'a>(
+        &self,
+        ctx: &'a VcpuContext,
+        mut st: std::sync::MutexGuard<'a, ControlState>,
+    ) -> std::sync::MutexGuard<'a, ControlState> {
+        if st.save_requested {
+            let saved = state::save_vcpu(&self.fd, self.id, &self.cpuid, &ctx.msr_indices).map_err(|e| e.to_string());
+            if let Some(slot) = st.saved.get_mut(self.id as usize) {
+                *slot = Some(saved);
+            }
+        }
+        st.parked += 1;
+        ctx.control.changed.notify_all();
+        while st.desired == Desired::Park {
+            st = ctx.control.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.parked -= 1;
+        st
     }
 
     fn run_loop(mut self, ctx: VcpuContext) {
@@ -223,16 +258,7 @@ impl Vcpu {
                 if st.desired != Desired::Run || st.generation != seen_generation {
                     seen_generation = st.generation;
                     if st.desired == Desired::Park {
-                        st.parked += 1;
-                        ctx.control.changed.notify_all();
-                        while st.desired == Desired::Park {
-                            st = ctx
-                                .control
-                                .changed
-                                .wait(st)
-                                .unwrap_or_else(|e| e.into_inner());
-                        }
-                        st.parked -= 1;
+                        st = self.park(&ctx, st);
                         seen_generation = st.generation;
                     }
                     if st.desired == Desired::Exit {
@@ -281,15 +307,13 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::Hlt) => Some(GuestExit::Shutdown("guest halted".into())),
-            Ok(VcpuExit::Shutdown) => Some(GuestExit::Fatal(format!(
-                "vCPU {id}: guest triple-faulted (KVM_EXIT_SHUTDOWN)"
-            ))),
-            Ok(VcpuExit::SystemEvent(kind, _)) => {
-                Some(GuestExit::Shutdown(format!("guest system event {kind}")))
+            Ok(VcpuExit::Shutdown) => {
+                Some(GuestExit::Fatal(format!("vCPU {id}: guest triple-faulted (KVM_EXIT_SHUTDOWN)")))
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(GuestExit::Fatal(format!(
-                "vCPU {id}: KVM entry failed (hardware reason {reason:#x}, cpu {cpu})"
-            ))),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Some(GuestExit::Shutdown(format!("guest system event {kind}"))),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Some(GuestExit::Fatal(format!("vCPU {id}: KVM entry failed (hardware reason {reason:#x}, cpu {cpu})")))
+            }
             Ok(VcpuExit::InternalError) => self.handle_internal_error(ctx),
             Ok(VcpuExit::Intr) => None,
             Ok(other) => {
@@ -311,35 +335,19 @@ impl Vcpu {
         let suberror = internal.suberror;
         match emulate::complete_instruction(&self.fd, &ctx.memory) {
             Ok(done) => {
-                tracing::debug!(
-                    "vCPU {}: emulated {} at {:#x}",
-                    self.id,
-                    done.mnemonic,
-                    done.rip
-                );
+                tracing::debug!("vCPU {}: emulated {} at {:#x}", self.id, done.mnemonic, done.rip);
                 emulate::record(done.mnemonic);
                 None
             }
-            Err(failure) => Some(GuestExit::Fatal(describe_failure(
-                self.id,
-                suberror,
-                &failure,
-                ctx.symbols.as_deref(),
-            ))),
+            Err(failure) => {
+                Some(GuestExit::Fatal(describe_failure(self.id, suberror, &failure, ctx.symbols.as_deref())))
+            }
         }
     }
 }
 
-fn describe_failure(
-    id: u8,
-    suberror: u32,
-    failure: &EmulationFailure,
-    symbols: Option<&emulate::Symbols>,
-) -> String {
-    let place = symbols
-        .and_then(|s| s.describe(failure.rip()))
-        .map(|s| format!(" ({s})"))
-        .unwrap_or_default();
+fn describe_failure(id: u8, suberror: u32, failure: &EmulationFailure, symbols: Option<&emulate::Symbols>) -> String {
+    let place = symbols.and_then(|s| s.describe(failure.rip())).map(|s| format!(" ({s})")).unwrap_or_default();
     format!("vCPU {id}: KVM internal error (suberror {suberror}){place}: {failure}")
 }
 
@@ -347,10 +355,32 @@ fn describe_failure(
 const KEYBOARD_CONTROLLER: u16 = 0x64;
 const KBD_RESET: u8 = 0xfe;
 
+/// Raw KVM resources of a vCPU, so a forked child (where the vCPU thread does not exist) can
+/// close the fd and unmap the `kvm_run` page it inherited.
+#[derive(Debug, Clone, Copy)]
+pub struct KvmVcpuFds {
+    pub fd: std::os::fd::RawFd,
+    pub run: usize,
+    pub run_size: usize,
+}
+
+impl KvmVcpuFds {
+    /// Releases the inherited copies. Only for use in a forked child.
+    pub fn release_in_child(&self) {
+        // SAFETY: in the child no thread uses this vCPU: its thread was not forked. The fd
+        // and mapping are the child's own copies; the parent's are unaffected.
+        unsafe {
+            libc::munmap(self.run as *mut libc::c_void, self.run_size);
+            libc::close(self.fd);
+        }
+    }
+}
+
 /// A running vCPU thread.
 pub struct VcpuHandle {
     pub id: u8,
     thread: JoinHandle<()>,
+    kvm_fds: KvmVcpuFds,
 }
 
 impl VcpuHandle {
@@ -381,6 +411,29 @@ impl VcpuSet {
         for h in &self.handles {
             h.kick();
         }
+    }
+
+    /// Parks every vCPU and has each capture its state; returns the states by vCPU id.
+    pub fn park_and_save(&self) -> Result<Vec<VcpuState>, String> {
+        {
+            let mut st = self.control.lock();
+            st.save_requested = true;
+            st.saved = (0..self.handles.len()).map(|_| None).collect();
+        }
+        self.park();
+        let mut st = self.control.lock();
+        st.save_requested = false;
+        let saved = std::mem::take(&mut st.saved);
+        saved
+            .into_iter()
+            .enumerate()
+            .map(|(id, s)| s.unwrap_or_else(|| Err(format!("vCPU {id} exited before saving its state"))))
+            .collect()
+    }
+
+    /// The raw KVM resources of every vCPU (see `KvmVcpuFds`).
+    pub fn kvm_fds(&self) -> Vec<KvmVcpuFds> {
+        self.handles.iter().map(|h| h.kvm_fds).collect()
     }
 
     /// Parks every vCPU outside `KVM_RUN` and outside the device buses; returns when all are

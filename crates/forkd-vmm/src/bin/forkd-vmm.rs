@@ -10,10 +10,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FORKD_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FORKD_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     match real_main() {
@@ -38,9 +35,7 @@ fn real_main() -> anyhow::Result<Outcome> {
         (Some("--config"), Some(path)) => path,
         _ => anyhow::bail!("usage: forkd-vmm --config VM.json"),
     };
-    let text =
-        std::fs::read_to_string(&config_path).with_context(|| format!("reading {config_path}"))?;
-    let config: VmConfig =
-        serde_json::from_str(&text).with_context(|| format!("parsing {config_path}"))?;
+    let text = std::fs::read_to_string(&config_path).with_context(|| format!("reading {config_path}"))?;
+    let config: VmConfig = serde_json::from_str(&text).with_context(|| format!("parsing {config_path}"))?;
     Ok(runtime::run(&config)?)
 }

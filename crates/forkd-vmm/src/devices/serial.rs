@@ -18,10 +18,7 @@ pub struct ConsoleSink {
 
 impl ConsoleSink {
     pub fn new(file: Option<File>, echo: bool) -> Self {
-        Self {
-            file: file.map(LineWriter::new),
-            echo,
-        }
+        Self { file: file.map(LineWriter::new), echo }
     }
 }
 
@@ -52,8 +49,16 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(irq: IrqLine, sink: ConsoleSink) -> Self {
-        Self {
-            serial: Serial::new(irq, sink),
+        Self { serial: Serial::new(irq, sink) }
+    }
+
+    /// Swaps the interrupt line and console sink, keeping the UART's register state (BRANCH
+    /// children get their own irqfd and console log).
+    pub fn rewire(&mut self, irq: IrqLine, sink: ConsoleSink) {
+        let state = self.serial.state();
+        match Serial::from_state(&state, irq, NoEvents, sink) {
+            Ok(serial) => self.serial = serial,
+            Err(e) => tracing::warn!("serial state could not be carried over: {e:?}"),
         }
     }
 

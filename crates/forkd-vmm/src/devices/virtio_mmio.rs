@@ -43,13 +43,11 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
 
 /// Binds a transport's interrupt and queue notifications to `vm`.
 pub fn register_with_vm(vm: &VmFd, slot: &VirtioSlot, irq: &EventFd) -> Result<(), VmmError> {
-    vm.register_irqfd(irq, slot.gsi)
-        .map_err(kvm("register virtio irqfd"))?;
+    vm.register_irqfd(irq, slot.gsi).map_err(kvm("register virtio irqfd"))?;
     let transport = crate::bus::lock(&slot.transport);
     for (queue, event) in transport.queue_notify_events() {
         let addr = IoEventAddress::Mmio(slot.base + forkd_virtio::QUEUE_NOTIFY_OFFSET);
-        vm.register_ioevent(event, &addr, queue)
-            .map_err(kvm("register virtio ioeventfd"))?;
+        vm.register_ioevent(event, &addr, queue).map_err(kvm("register virtio ioeventfd"))?;
     }
     Ok(())
 }
@@ -69,23 +67,14 @@ pub fn attach(
         });
     }
     let base = layout::VIRTIO_MMIO_START + index as u64 * layout::VIRTIO_MMIO_SIZE;
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Io {
-        what: "virtio irq eventfd".into(),
-        source,
-    })?;
-    let irq_for_vm = irq.try_clone().map_err(|source| VmmError::Io {
-        what: "virtio irq eventfd".into(),
-        source,
-    })?;
+    let irq = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|source| VmmError::Io { what: "virtio irq eventfd".into(), source })?;
+    let irq_for_vm = irq.try_clone().map_err(|source| VmmError::Io { what: "virtio irq eventfd".into(), source })?;
     let transport = MmioTransport::new(memory.clone(), device, irq).map_err(|e| VmmError::Io {
         what: format!("virtio transport: {e}"),
         source: std::io::Error::other("transport"),
     })?;
-    let slot = VirtioSlot {
-        base,
-        gsi,
-        transport: Arc::new(Mutex::new(transport)),
-    };
+    let slot = VirtioSlot { base, gsi, transport: Arc::new(Mutex::new(transport)) };
     register_with_vm(vm, &slot, &irq_for_vm)?;
     Ok(slot)
 }

@@ -55,20 +55,8 @@ enum Reg {
     Edx,
 }
 
-const fn hide(
-    leaf: u32,
-    subleaf: Option<u32>,
-    reg: Reg,
-    bits: &'static [u32],
-    why: &'static str,
-) -> Hide {
-    Hide {
-        leaf,
-        subleaf,
-        reg,
-        bits,
-        why,
-    }
+const fn hide(leaf: u32, subleaf: Option<u32>, reg: Reg, bits: &'static [u32], why: &'static str) -> Hide {
+    Hide { leaf, subleaf, reg, bits, why }
 }
 
 /// Features hidden under `CpuProfile::Compat`, with the reason for each group.
@@ -82,96 +70,24 @@ const COMPAT_HIDDEN: &[Hide] = &[
     ),
     hide(1, None, Reg::Ecx, &[23], "POPCNT is not emulated"),
     hide(1, None, Reg::Ecx, &[13], "CMPXCHG16B is not emulated"),
-    hide(
-        1,
-        None,
-        Reg::Ecx,
-        &[30],
-        "RDRAND in kernel mode; virtio-rng feeds entropy instead",
-    ),
-    hide(
-        1,
-        None,
-        Reg::Ecx,
-        &[17],
-        "PCID: INVPCID/PCID flushes in kernel mode",
-    ),
-    hide(
-        1,
-        None,
-        Reg::Ecx,
-        &[3, 5],
-        "MONITOR/MWAIT idle and VMX are not for this guest",
-    ),
-    hide(
-        7,
-        Some(0),
-        Reg::Ebx,
-        &[0],
-        "FSGSBASE: RDFSBASE/WRGSBASE in the context switch",
-    ),
-    hide(
-        7,
-        Some(0),
-        Reg::Ebx,
-        &[3, 8, 19],
-        "BMI1/BMI2/ADX instructions",
-    ),
-    hide(
-        7,
-        Some(0),
-        Reg::Ebx,
-        &[5, 16, 17, 21, 26, 27, 28, 30, 31],
-        "AVX2/AVX-512 need XSAVE",
-    ),
+    hide(1, None, Reg::Ecx, &[30], "RDRAND in kernel mode; virtio-rng feeds entropy instead"),
+    hide(1, None, Reg::Ecx, &[17], "PCID: INVPCID/PCID flushes in kernel mode"),
+    hide(1, None, Reg::Ecx, &[3, 5], "MONITOR/MWAIT idle and VMX are not for this guest"),
+    hide(7, Some(0), Reg::Ebx, &[0], "FSGSBASE: RDFSBASE/WRGSBASE in the context switch"),
+    hide(7, Some(0), Reg::Ebx, &[3, 8, 19], "BMI1/BMI2/ADX instructions"),
+    hide(7, Some(0), Reg::Ebx, &[5, 16, 17, 21, 26, 27, 28, 30, 31], "AVX2/AVX-512 need XSAVE"),
     hide(7, Some(0), Reg::Ebx, &[10], "INVPCID is not emulated"),
     hide(7, Some(0), Reg::Ebx, &[18], "RDSEED in kernel mode"),
-    hide(
-        7,
-        Some(0),
-        Reg::Ebx,
-        &[20],
-        "SMAP: CLAC/STAC are not emulated",
-    ),
-    hide(
-        7,
-        Some(0),
-        Reg::Ebx,
-        &[23, 24],
-        "CLFLUSHOPT/CLWB in kernel cache flushes",
-    ),
-    hide(
-        7,
-        Some(0),
-        Reg::Ebx,
-        &[2, 4, 11, 14, 29],
-        "SGX, TSX, MPX, SHA",
-    ),
-    hide(
-        7,
-        Some(0),
-        Reg::Ecx,
-        &[1, 6, 8, 9, 10, 11, 12, 14],
-        "AVX-512/VAES/GFNI need XSAVE",
-    ),
+    hide(7, Some(0), Reg::Ebx, &[20], "SMAP: CLAC/STAC are not emulated"),
+    hide(7, Some(0), Reg::Ebx, &[23, 24], "CLFLUSHOPT/CLWB in kernel cache flushes"),
+    hide(7, Some(0), Reg::Ebx, &[2, 4, 11, 14, 29], "SGX, TSX, MPX, SHA"),
+    hide(7, Some(0), Reg::Ecx, &[1, 6, 8, 9, 10, 11, 12, 14], "AVX-512/VAES/GFNI need XSAVE"),
     hide(7, Some(0), Reg::Ecx, &[2], "UMIP"),
     hide(7, Some(0), Reg::Ecx, &[3, 4], "PKU/OSPKE need XSAVE"),
     hide(7, Some(0), Reg::Ecx, &[16], "LA57"),
     hide(7, Some(0), Reg::Ecx, &[22], "RDPID in kernel entry paths"),
-    hide(
-        7,
-        Some(0),
-        Reg::Edx,
-        &[2, 3, 8, 22, 23, 24, 29],
-        "AVX-512 extras, AMX, ARCH_CAPABILITIES MSR",
-    ),
-    hide(
-        0x8000_0001,
-        None,
-        Reg::Ecx,
-        &[5],
-        "LZCNT (ABM) is not emulated",
-    ),
+    hide(7, Some(0), Reg::Edx, &[2, 3, 8, 22, 23, 24, 29], "AVX-512 extras, AMX, ARCH_CAPABILITIES MSR"),
+    hide(0x8000_0001, None, Reg::Ecx, &[5], "LZCNT (ABM) is not emulated"),
     hide(0x8000_0001, None, Reg::Ecx, &[11, 16, 21], "XOP/FMA4/TBM"),
 ];
 
@@ -195,10 +111,7 @@ pub fn guest_cpuid(supported: &CpuId, cpu: u8, count: u8, profile: CpuProfile) -
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
-                e.ebx = (e.ebx & 0x0000_00ff)
-                    | ((cpu as u32) << 24)
-                    | ((count as u32) << 16)
-                    | (8 << 8);
+                e.ebx = (e.ebx & 0x0000_00ff) | ((cpu as u32) << 24) | ((count as u32) << 16) | (8 << 8);
                 e.ecx |= LEAF1_ECX_HYPERVISOR;
                 if count > 1 {
                     e.edx |= LEAF1_EDX_HTT;
@@ -254,10 +167,7 @@ pub fn guest_cpuid(supported: &CpuId, cpu: u8, count: u8, profile: CpuProfile) -
 
 /// Human-readable list of what `Compat` hides, for `forkd doctor` and the docs.
 pub fn compat_hidden_summary() -> Vec<String> {
-    COMPAT_HIDDEN
-        .iter()
-        .map(|h| format!("leaf {:#x}: {}", h.leaf, h.why))
-        .collect()
+    COMPAT_HIDDEN.iter().map(|h| format!("leaf {:#x}: {}", h.leaf, h.why)).collect()
 }
 
 #[cfg(test)]
@@ -265,22 +175,11 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32, ecx: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            eax: 0,
-            ebx: 0xffff_ffff,
-            ecx,
-            edx: 0xffff_ffff,
-            ..Default::default()
-        }
+        kvm_cpuid_entry2 { function, index, eax: 0, ebx: 0xffff_ffff, ecx, edx: 0xffff_ffff, ..Default::default() }
     }
 
     fn find(c: &CpuId, f: u32, i: u32) -> kvm_cpuid_entry2 {
-        *c.as_slice()
-            .iter()
-            .find(|e| e.function == f && e.index == i)
-            .unwrap()
+        *c.as_slice().iter().find(|e| e.function == f && e.index == i).unwrap()
     }
 
     fn sample() -> CpuId {

@@ -65,12 +65,6 @@ mod tests {
     fn ram_ranges_split_at_the_gap() {
         assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
         assert_eq!(ram_ranges(MMIO_GAP_START), vec![(0, MMIO_GAP_START)]);
-        assert_eq!(
-            ram_ranges(4 << 30),
-            vec![
-                (0, MMIO_GAP_START),
-                (HIGH_RAM_START, (4 << 30) - MMIO_GAP_START)
-            ]
-        );
+        assert_eq!(ram_ranges(4 << 30), vec![(0, MMIO_GAP_START), (HIGH_RAM_START, (4 << 30) - MMIO_GAP_START)]);
     }
 }

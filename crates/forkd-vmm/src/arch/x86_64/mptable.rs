@@ -67,21 +67,8 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
     for pin in 0..IOAPIC_PINS as u8 {
-        let kind = if pin == 0 {
-            INT_TYPE_EXTINT
-        } else {
-            INT_TYPE_INT
-        };
-        entries.extend_from_slice(&[
-            ENTRY_IO_INTERRUPT,
-            kind,
-            0,
-            0,
-            ISA_BUS_ID,
-            pin,
-            ioapic_id,
-            pin,
-        ]);
+        let kind = if pin == 0 { INT_TYPE_EXTINT } else { INT_TYPE_INT };
+        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, kind, 0, 0, ISA_BUS_ID, pin, ioapic_id, pin]);
         count += 1;
     }
     for (kind, lint) in [(INT_TYPE_EXTINT, 0u8), (INT_TYPE_NMI, 1u8)] {
@@ -122,9 +109,7 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
 /// Writes the MP table for `num_cpus` vCPUs at `EBDA_START`.
 pub fn write(memory: &GuestMemory, num_cpus: u8) -> Result<(), MpTableError> {
     let table = build(num_cpus, EBDA_START)?;
-    memory
-        .write_slice(&table, GuestAddress(EBDA_START))
-        .map_err(|e| MpTableError::GuestWrite(e.to_string()))
+    memory.write_slice(&table, GuestAddress(EBDA_START)).map_err(|e| MpTableError::GuestWrite(e.to_string()))
 }
 
 #[cfg(test)]
@@ -147,22 +132,13 @@ mod tests {
             assert_eq!(len, config.len());
             assert_eq!(sum(config), 0, "config table checksum");
             let count = u16::from_le_bytes([config[34], config[35]]);
-            assert_eq!(
-                count as usize,
-                cpus as usize + 1 + 1 + IOAPIC_PINS as usize + 2
-            );
+            assert_eq!(count as usize, cpus as usize + 1 + 1 + IOAPIC_PINS as usize + 2);
         }
     }
 
     #[test]
     fn rejects_bad_cpu_counts() {
-        assert!(matches!(
-            build(0, EBDA_START),
-            Err(MpTableError::CpuCount(0))
-        ));
-        assert!(matches!(
-            build(MAX_CPUS + 1, EBDA_START),
-            Err(MpTableError::CpuCount(_))
-        ));
+        assert!(matches!(build(0, EBDA_START), Err(MpTableError::CpuCount(0))));
+        assert!(matches!(build(MAX_CPUS + 1, EBDA_START), Err(MpTableError::CpuCount(_))));
     }
 }

@@ -3,9 +3,7 @@
 
 use super::layout::*;
 use crate::memory::GuestMemory;
-use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
-};
+use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use vm_memory::{Bytes, GuestAddress};
 
 const X86_CR0_PE: u64 = 1 << 0;
@@ -19,12 +17,7 @@ const PTE_PRESENT_RW: u64 = 0x3;
 const PDE_HUGE: u64 = 0x80;
 
 /// GDT: null, 64-bit code, data, TSS (the TSS only needs to exist for VMX's checks).
-const GDT: [u64; 4] = [
-    0,
-    gdt_entry(0xa09b, 0, 0xfffff),
-    gdt_entry(0xc093, 0, 0xfffff),
-    gdt_entry(0x808b, 0, 0xfffff),
-];
+const GDT: [u64; 4] = [0, gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
 const CODE_SELECTOR: u16 = 1 << 3;
 const DATA_SELECTOR: u16 = 2 << 3;
 const TSS_SELECTOR: u16 = 3 << 3;
@@ -45,11 +38,7 @@ fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {
         base,
-        limit: if g == 1 {
-            ((limit_raw << 12) | 0xfff) as u32
-        } else {
-            limit_raw as u32
-        },
+        limit: if g == 1 { ((limit_raw << 12) | 0xfff) as u32 } else { limit_raw as u32 },
         selector,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -73,9 +62,7 @@ pub enum RegsError {
 /// Writes the GDT and the identity-mapping page tables into guest memory.
 pub fn write_boot_tables(memory: &GuestMemory) -> Result<(), RegsError> {
     let w = |val: u64, addr: u64| {
-        memory
-            .write_obj(val, GuestAddress(addr))
-            .map_err(|e| RegsError::GuestWrite(e.to_string()))
+        memory.write_obj(val, GuestAddress(addr)).map_err(|e| RegsError::GuestWrite(e.to_string()))
     };
     for (i, entry) in GDT.iter().enumerate() {
         w(*entry, GDT_START + 8 * i as u64)?;
@@ -85,10 +72,7 @@ pub fn write_boot_tables(memory: &GuestMemory) -> Result<(), RegsError> {
         let pd = PD_START + gib * 0x1000;
         w(pd | PTE_PRESENT_RW, PDPT_START + gib * 8)?;
         for i in 0..512u64 {
-            w(
-                ((gib << 30) | (i << 21)) | PTE_PRESENT_RW | PDE_HUGE,
-                pd + i * 8,
-            )?;
+            w(((gib << 30) | (i << 21)) | PTE_PRESENT_RW | PDE_HUGE, pd + i * 8)?;
         }
     }
     Ok(())
@@ -131,11 +115,7 @@ pub fn boot_regs(entry: u64) -> kvm_regs {
 
 /// x87 and SSE control words as after FNINIT / reset.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    }
+    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
 }
 
 pub const MSR_IA32_TSC: u32 = 0x10;
@@ -155,11 +135,7 @@ const MTRR_TYPE_WRBACK: u64 = 6;
 
 /// MSR values at boot: syscall MSRs cleared, fast strings on, MTRRs default write-back.
 pub fn boot_msrs() -> Msrs {
-    let entry = |index, data| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    };
+    let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
     let entries = [
         entry(MSR_IA32_SYSENTER_CS, 0),
         entry(MSR_IA32_SYSENTER_ESP, 0),
@@ -206,10 +182,7 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_flat_long_mode_segments() {
         let code = segment_from_gdt(GDT[1], CODE_SELECTOR);
-        assert_eq!(
-            (code.base, code.limit, code.l, code.db, code.present, code.s),
-            (0, 0xffff_ffff, 1, 0, 1, 1)
-        );
+        assert_eq!((code.base, code.limit, code.l, code.db, code.present, code.s), (0, 0xffff_ffff, 1, 0, 1, 1));
         assert_eq!(code.type_, 0xb);
         let data = segment_from_gdt(GDT[2], DATA_SELECTOR);
         assert_eq!((data.l, data.db, data.type_), (0, 1, 3));
@@ -225,9 +198,7 @@ mod tests {
         assert_eq!(pml4, PDPT_START | 3);
         let pdpt3: u64 = mem.read_obj(GuestAddress(PDPT_START + 24)).unwrap();
         assert_eq!(pdpt3, (PD_START + 0x3000) | 3);
-        let pde: u64 = mem
-            .read_obj(GuestAddress(PD_START + 0x1000 + 5 * 8))
-            .unwrap();
+        let pde: u64 = mem.read_obj(GuestAddress(PD_START + 0x1000 + 5 * 8)).unwrap();
         assert_eq!(pde, (1 << 30) + 5 * (2 << 20) + 0x83);
     }
 

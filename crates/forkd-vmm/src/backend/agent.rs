@@ -1,0 +1,116 @@
+//! Talking to the guest agent through the VMM's vsock socket, and turning its errors into the
+//! API's typed errors.
+
+use super::AGENT_PORT;
+use forkd_agent::client::{AgentAddr, AgentClient, ClientError, ExitStatus as AgentExit, Stream};
+use forkd_agent::proto::{self, ErrorKind, FileType};
+use forkd_core::backend::DirEntry;
+use forkd_core::{CancelToken, Error, ExecOutcome, ExecRequest, ExecSink, ExitStatus, OutputStream, Result};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Bounds connecting and the vsock handshake; commands themselves may run much longer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn connect(vsock: &Path) -> Result<AgentClient<UnixStream>> {
+    AgentAddr::vsock(vsock, AGENT_PORT).connect(CONNECT_TIMEOUT).map_err(map_error)
+}
+
+/// One ping with a deadline (readiness checks).
+pub fn ping(vsock: &Path, timeout: Duration) -> Result<()> {
+    let client = AgentAddr::vsock(vsock, AGENT_PORT).connect(timeout).map_err(map_error)?;
+    client.get_ref().set_read_timeout(Some(timeout)).map_err(|e| Error::Unavailable(e.to_string()))?;
+    client.ping().map(|_| ()).map_err(map_error)
+}
+
+fn map_error(e: ClientError) -> Error {
+    match e {
+        ClientError::Agent { kind, message } => match kind {
+            ErrorKind::NotFound => Error::NotFound { kind: "guest path", id: message, hint: String::new() },
+            ErrorKind::InvalidArgument | ErrorKind::AlreadyExists => Error::invalid("request", message),
+            ErrorKind::Permission => Error::FailedPrecondition(format!("permission denied in the guest: {message}")),
+            _ => Error::Internal(format!("guest agent: {message}")),
+        },
+        ClientError::Timeout { .. } => Error::DeadlineExceeded(e.to_string()),
+        ClientError::SocketMissing { .. }
+        | ClientError::Refused { .. }
+        | ClientError::HandshakeClosed { .. }
+        | ClientError::Connect { .. } => Error::Unavailable(e.to_string()),
+        ClientError::Closed { .. } => Error::Unavailable(e.to_string()),
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+/// Runs a command; a cancel shuts the connection down, which makes the agent kill the
+/// command's process group.
+pub fn exec(
+    vsock: &Path,
+    req: &ExecRequest,
+    stdin: Option<Box<dyn Read + Send>>,
+    sink: &mut dyn ExecSink,
+    cancel: &CancelToken,
+) -> Result<ExecOutcome> {
+    let client = connect(vsock)?;
+    if let Ok(stream) = client.get_ref().try_clone() {
+        cancel.on_cancel(move || {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        });
+    }
+    let mut wire = proto::ExecRequest::new(req.argv.clone());
+    wire.env = req.env.clone();
+    wire.cwd = req.cwd.clone().unwrap_or_default();
+    wire.timeout_ms = req.timeout.map(|t| t.as_millis().max(1) as u64).unwrap_or(0);
+    let result = client.exec(wire, stdin, |stream, data| {
+        let stream = match stream {
+            Stream::Stdout => OutputStream::Stdout,
+            Stream::Stderr => OutputStream::Stderr,
+        };
+        sink.output(stream, data)
+    });
+    match result {
+        Ok(outcome) => Ok(ExecOutcome {
+            status: match outcome.status {
+                AgentExit::Exited(c) => ExitStatus::Code(c),
+                AgentExit::Signaled(s) => ExitStatus::Signal(s),
+                AgentExit::TimedOut => ExitStatus::TimedOut,
+            },
+            duration: outcome.duration,
+        }),
+        Err(_) if cancel.is_cancelled() => {
+            Err(Error::Cancelled("the sandbox was removed while the command ran".into()))
+        }
+        Err(ClientError::Agent { kind: ErrorKind::NotFound, message }) => Err(Error::invalid("argv", message)),
+        Err(e) => Err(map_error(e)),
+    }
+}
+
+pub fn write_file(vsock: &Path, path: &str, mode: u32, data: &mut (dyn Read + Send)) -> Result<u64> {
+    connect(vsock)?.write_file(path, mode, true, data).map_err(map_error)
+}
+
+pub fn read_file(vsock: &Path, path: &str, out: &mut (dyn Write + Send)) -> Result<u64> {
+    let mut out = out;
+    connect(vsock)?.read_file_to(path, &mut out).map_err(map_error)
+}
+
+pub fn list_dir(vsock: &Path, path: &str) -> Result<Vec<DirEntry>> {
+    let entries = connect(vsock)?.list_dir(path).map_err(map_error)?;
+    Ok(entries
+        .into_iter()
+        .map(|e| DirEntry {
+            kind: match e.kind() {
+                FileType::Dir => "dir",
+                FileType::File => "file",
+                FileType::Symlink => "symlink",
+                _ => "other",
+            }
+            .into(),
+            name: e.name,
+            size: e.size,
+            mode: e.mode,
+            mtime_unix: e.mtime,
+        })
+        .collect())
+}

@@ -1,0 +1,229 @@
+//! BRANCH: fork a running VM into N children.
+//!
+//! The source pauses only for: parking its vCPUs and capturing their state, freezing the top
+//! disk layer, and one `fork()` of a *zygote*, whose guest memory becomes copy-on-write in
+//! time proportional to page tables (THP keeps that small). The source resumes at once. The
+//! zygote, a frozen copy, forks the N children and exits, so the source's pause does not grow
+//! with N. Each child builds a fresh KVM VM over its inherited memory (`Machine::
+//! rebuild_in_child`) and serves its own control socket in its own sandbox directory.
+
+use crate::config::{DiskConfig, VmConfig, VsockConfig};
+use crate::control::{BranchChild, BranchReport};
+use crate::machine::{ChildPaths, FrozenState, Machine};
+use crate::VmmError;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long the source waits for the zygote to report every child's pid.
+const ZYGOTE_REPORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What `branch` returns in each process.
+pub enum BranchSide {
+    /// Still the source VM, which keeps running.
+    Parent(Machine, Result<BranchReport, String>),
+    /// A new child sandbox: serve it with this machine and config.
+    Child(Box<Machine>, Box<VmConfig>),
+}
+
+/// The files of a child sandbox living in `dir`.
+pub fn child_paths(dir: &Path) -> ChildPaths {
+    ChildPaths {
+        dir: dir.to_path_buf(),
+        control_socket: dir.join("control.sock"),
+        vsock_socket: dir.join("vsock.sock"),
+        console_log: dir.join("console.log"),
+        vmm_log: dir.join("vmm.log"),
+        config: dir.join("vm.json"),
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), VmmError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(VmmError::Io { what: "branch pipe".into(), source: std::io::Error::last_os_error() });
+    }
+    // SAFETY: both fds are fresh and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn fork() -> std::io::Result<libc::pid_t> {
+    // SAFETY: the caller guarantees the process is quiescent: every other thread is parked
+    // outside any lock the child needs (vCPUs wait on a condvar, which releases its mutex).
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        pid => Ok(pid),
+    }
+}
+
+/// Forks `machine` into one child per directory in `children`.
+pub fn branch(mut machine: Machine, config: &VmConfig, children: &[PathBuf]) -> BranchSide {
+    let started = Instant::now();
+    let frozen = match machine.freeze() {
+        Ok(f) => f,
+        Err(e) => {
+            machine.thaw();
+            return BranchSide::Parent(machine, Err(format!("capturing VM state: {e}")));
+        }
+    };
+    // Freeze the top disk layer: parent and every child continue on new empty layers.
+    if let Some(disk) = &machine.disk {
+        let frozen_ok = crate::bus::lock(disk).branch_point();
+        if let Err(e) = frozen_ok {
+            machine.thaw();
+            return BranchSide::Parent(machine, Err(format!("freezing the disk: {e}")));
+        }
+    }
+    let (read_end, write_end) = match pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            machine.thaw();
+            return BranchSide::Parent(machine, Err(e.to_string()));
+        }
+    };
+    let zygote = match fork() {
+        Ok(pid) => pid,
+        Err(e) => {
+            machine.thaw();
+            return BranchSide::Parent(machine, Err(format!("fork: {e}")));
+        }
+    };
+    if zygote == 0 {
+        drop(read_end);
+        return run_zygote(machine, config, &frozen, children, write_end);
+    }
+    drop(write_end);
+    machine.thaw();
+    let pause = started.elapsed();
+    let report = collect_children(read_end, zygote, children, pause);
+    BranchSide::Parent(machine, report)
+}
+
+/// In the zygote: fork each child, report its pid, exit. Children return `Child`.
+fn run_zygote(
+    machine: Machine,
+    config: &VmConfig,
+    frozen: &FrozenState,
+    children: &[PathBuf],
+    report: OwnedFd,
+) -> BranchSide {
+    for (index, dir) in children.iter().enumerate() {
+        match fork() {
+            Ok(0) => {
+                drop(report);
+                return become_child(machine, config, frozen, dir);
+            }
+            Ok(pid) => {
+                let record = [index as u32, pid as u32];
+                let bytes: Vec<u8> = record.iter().flat_map(|v| v.to_le_bytes()).collect();
+                // SAFETY: writing a local buffer to our pipe fd.
+                unsafe { libc::write(report.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+            }
+            Err(e) => {
+                eprintln!("forkd-vmm: zygote: fork of child {index} failed: {e}");
+                break;
+            }
+        }
+    }
+    // Leave without running destructors: they would act on resources the source still uses.
+    // SAFETY: _exit ends this process immediately.
+    unsafe { libc::_exit(0) }
+}
+
+/// In a child: detach, adopt the child's own paths, rebuild the VM. On failure the child
+/// process exits (the launcher sees it die and reports the error from its log).
+fn become_child(machine: Machine, config: &VmConfig, frozen: &FrozenState, dir: &Path) -> BranchSide {
+    let paths = child_paths(dir);
+    // A session of its own: signals to the source's process group must not reach children.
+    // SAFETY: setsid has no memory-safety preconditions.
+    unsafe { libc::setsid() };
+    redirect_stderr(&paths.vmm_log);
+    let result = (|| -> Result<(Machine, VmConfig), VmmError> {
+        let mut child_config = config.clone();
+        child_config.control_socket = paths.control_socket.clone();
+        child_config.console_log = Some(paths.console_log.clone());
+        child_config.console_echo = false;
+        if let Some(v) = &mut child_config.vsock {
+            *v = VsockConfig { uds_path: paths.vsock_socket.clone(), guest_cid: v.guest_cid };
+        }
+        if let Some(disk) = &machine.disk {
+            let mut disk = crate::bus::lock(disk);
+            let layers = disk.adopt_in_child(&dir.join("disk")).map_err(|e| VmmError::Disk(e.to_string()))?;
+            child_config.root_disk = Some(DiskConfig { base: disk.base_path().to_path_buf(), layers });
+        }
+        let machine = machine.rebuild_in_child(frozen, &paths)?;
+        let json = serde_json::to_vec_pretty(&child_config).map_err(|e| VmmError::Device(e.to_string()))?;
+        std::fs::write(&paths.config, json)
+            .map_err(|source| VmmError::Io { what: "writing child vm.json".into(), source })?;
+        Ok((machine, child_config))
+    })();
+    match result {
+        Ok((machine, config)) => BranchSide::Child(Box::new(machine), Box::new(config)),
+        Err(e) => {
+            eprintln!("forkd-vmm: error: branch child failed to start: {e}");
+            // SAFETY: ending this child process without touching shared resources.
+            unsafe { libc::_exit(1) }
+        }
+    }
+}
+
+fn redirect_stderr(path: &Path) {
+    if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        // SAFETY: dup2 onto fd 2; `file` stays valid for the call.
+        unsafe { libc::dup2(file.as_raw_fd(), 2) };
+    }
+}
+
+/// In the source, after it resumed: read (index, pid) records from the zygote and reap it.
+fn collect_children(
+    read_end: OwnedFd,
+    zygote: libc::pid_t,
+    children: &[PathBuf],
+    pause: Duration,
+) -> Result<BranchReport, String> {
+    let mut pids: Vec<Option<u32>> = vec![None; children.len()];
+    let deadline = Instant::now() + ZYGOTE_REPORT_TIMEOUT;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd { fd: read_end.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: polling one valid fd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if ready <= 0 {
+            break;
+        }
+        // SAFETY: reading into a local buffer from our pipe fd.
+        let n = unsafe { libc::read(read_end.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) };
+        if n <= 0 {
+            break; // zygote finished (EOF) or failed
+        }
+        buf.extend_from_slice(&chunk[..n as usize]);
+    }
+    for record in buf.chunks_exact(8) {
+        let index = u32::from_le_bytes([record[0], record[1], record[2], record[3]]) as usize;
+        let pid = u32::from_le_bytes([record[4], record[5], record[6], record[7]]);
+        if let Some(slot) = pids.get_mut(index) {
+            *slot = Some(pid);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: reaping our own zygote child.
+    unsafe { libc::waitpid(zygote, &mut status, 0) };
+    let missing: Vec<_> = pids.iter().enumerate().filter(|(_, p)| p.is_none()).map(|(i, _)| i).collect();
+    if !missing.is_empty() {
+        return Err(format!("the zygote did not start children {missing:?}"));
+    }
+    Ok(BranchReport {
+        pause_us: pause.as_micros() as u64,
+        children: pids
+            .into_iter()
+            .zip(children)
+            .map(|(pid, dir)| {
+                let pid = pid.unwrap_or(0);
+                BranchChild { pid, start_time: crate::backend::process::start_time(pid).unwrap_or(0), dir: dir.clone() }
+            })
+            .collect(),
+    })
+}
