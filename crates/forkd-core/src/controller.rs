@@ -3,17 +3,23 @@
 //! Concurrency: commands and file operations on a sandbox run concurrently (shared lock);
 //! lifecycle changes (destroy, branch) take the sandbox's exclusive lock after cancelling the
 //! commands in flight, so a delete never waits for a long-running command.
+//!
+//! Persistence: with a state directory, every lifecycle change is written to `state.json`
+//! (see `store`), and opening the controller re-adopts the sandboxes whose VMMs still run
+//! (VMMs are separate processes and outlive the process that started them).
 
-use crate::backend::{DirEntry, MemoryUsage, RuntimeHandle, SandboxBackend};
+use crate::backend::{BranchOptions, DirEntry, Liveness, MemoryUsage, RuntimeHandle, SandboxBackend};
 use crate::error::{Error, Result};
 use crate::exec::{CancelToken, ExecOutcome, ExecRequest, ExecSink};
 use crate::id::SandboxId;
 use crate::spec::SandboxSpec;
+use crate::store::{Record, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Lifecycle state of a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +39,30 @@ pub struct SandboxInfo {
     pub created_unix_ms: u64,
     /// The sandbox this one was branched from.
     pub parent: Option<SandboxId>,
+    /// Set when this sandbox is kept as a named template (`forkd template create`).
+    #[serde(default)]
+    pub template: Option<String>,
+}
+
+/// The outcome of a BRANCH.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BranchResult {
+    pub source: SandboxId,
+    pub children: Vec<SandboxInfo>,
+    /// How long the source's vCPUs were stopped.
+    #[serde(with = "duration_ms")]
+    pub pause: Duration,
+}
+
+mod duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1000.0)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs_f64(f64::deserialize(d)?.max(0.0) / 1000.0))
+    }
 }
 
 struct Entry {
@@ -41,6 +71,17 @@ struct Entry {
     /// Shared for commands, exclusive for lifecycle changes.
     lifecycle: RwLock<()>,
     in_flight: Mutex<Vec<CancelToken>>,
+}
+
+impl Entry {
+    fn new(info: SandboxInfo, runtime: RuntimeHandle) -> Arc<Self> {
+        Arc::new(Entry {
+            info: Mutex::new(info),
+            runtime,
+            lifecycle: RwLock::new(()),
+            in_flight: Mutex::new(Vec::new()),
+        })
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -54,12 +95,44 @@ pub(crate) fn now_unix_ms() -> u64 {
 /// Registry and lifecycle of sandboxes over one backend.
 pub struct Controller {
     backend: Arc<dyn SandboxBackend>,
+    store: Option<Store>,
+    /// Who acts, for the audit log (`cli`, `daemon`, ...).
+    who: String,
     sandboxes: Mutex<BTreeMap<SandboxId, Arc<Entry>>>,
 }
 
 impl Controller {
+    /// A controller that keeps nothing on disk (embedding, tests, one-shot runs).
     pub fn new(backend: Arc<dyn SandboxBackend>) -> Self {
-        Self { backend, sandboxes: Mutex::new(BTreeMap::new()) }
+        Self { backend, store: None, who: "embedded".into(), sandboxes: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// A controller persisting to `state_dir`: loads `state.json` and re-adopts every
+    /// sandbox whose VMM still runs; the others are marked exited.
+    pub fn open(backend: Arc<dyn SandboxBackend>, state_dir: &Path, who: &str) -> Result<Self> {
+        let store = Store::new(state_dir);
+        let mut exited = Vec::new();
+        let records = {
+            let _lock = store.lock()?;
+            let mut state = store.load()?;
+            for record in &mut state.sandboxes {
+                if record.info.state == SandboxState::Running {
+                    if let Liveness::Exited(why) = backend.probe(&record.runtime) {
+                        exited.push(record.info.id.clone());
+                        record.info.state = SandboxState::Exited(why);
+                    }
+                }
+            }
+            if !exited.is_empty() {
+                store.save(&state)?;
+            }
+            state.sandboxes
+        };
+        for id in &exited {
+            store.audit(who, "mark_exited", Some(id.as_str()), &Ok(()));
+        }
+        let sandboxes = records.into_iter().map(|r| (r.info.id.clone(), Entry::new(r.info, r.runtime))).collect();
+        Ok(Self { backend, store: Some(store), who: who.into(), sandboxes: Mutex::new(sandboxes) })
     }
 
     pub fn backend(&self) -> &Arc<dyn SandboxBackend> {
@@ -70,26 +143,78 @@ impl Controller {
         lock(&self.sandboxes).get(id).cloned().ok_or_else(|| Error::sandbox_not_found(id.as_str()))
     }
 
+    fn audit<T>(&self, what: &str, target: Option<&str>, result: &Result<T>) {
+        if let Some(store) = &self.store {
+            store.audit(&self.who, what, target, &result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        }
+    }
+
+    fn persist(&self, f: impl FnOnce(&mut Vec<Record>)) -> Result<()> {
+        match &self.store {
+            Some(store) => store.update(|state| f(&mut state.sandboxes)),
+            None => Ok(()),
+        }
+    }
+
+    fn register(&self, info: SandboxInfo, runtime: RuntimeHandle) -> Result<()> {
+        let record = Record { info: info.clone(), runtime: runtime.clone() };
+        lock(&self.sandboxes).insert(info.id.clone(), Entry::new(info, runtime));
+        self.persist(|records| records.push(record))
+    }
+
     /// Boots a new sandbox.
     pub fn create(&self, spec: SandboxSpec) -> Result<SandboxInfo> {
+        let result = self.create_inner(spec, None);
+        self.audit("create", result.as_ref().ok().map(|i| i.id.as_str()), &result);
+        result
+    }
+
+    fn create_inner(&self, spec: SandboxSpec, template: Option<String>) -> Result<SandboxInfo> {
         spec.validate()?;
         let id = SandboxId::generate();
         let runtime = self.backend.create(&id, &spec)?;
         let info = SandboxInfo {
-            id: id.clone(),
+            id,
             spec,
             state: SandboxState::Running,
             created_unix_ms: now_unix_ms(),
             parent: None,
+            template,
         };
-        let entry = Arc::new(Entry {
-            info: Mutex::new(info.clone()),
-            runtime,
-            lifecycle: RwLock::new(()),
-            in_flight: Mutex::new(Vec::new()),
-        });
-        lock(&self.sandboxes).insert(id, entry);
+        if let Err(e) = self.register(info.clone(), runtime.clone()) {
+            let _ = self.backend.destroy(&runtime);
+            return Err(e);
+        }
         Ok(info)
+    }
+
+    /// Boots a sandbox and keeps it as template `name`; `create_from_template` forks it.
+    pub fn create_template(&self, name: &str, spec: SandboxSpec) -> Result<SandboxInfo> {
+        validate_template_name(name)?;
+        if self.template(name).is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "template `{name}` already exists; remove it with `forkd template rm {name}` first"
+            )));
+        }
+        let result = self.create_inner(spec, Some(name.to_string()));
+        self.audit("create_template", Some(name), &result);
+        result
+    }
+
+    /// The running template called `name`.
+    pub fn template(&self, name: &str) -> Option<SandboxInfo> {
+        self.list().into_iter().find(|i| i.template.as_deref() == Some(name) && i.state == SandboxState::Running)
+    }
+
+    /// A new sandbox forked from template `name`: costs a BRANCH, not a boot.
+    pub fn create_from_template(&self, name: &str) -> Result<SandboxInfo> {
+        let template = self.template(name).ok_or_else(|| Error::NotFound {
+            kind: "template",
+            id: name.to_string(),
+            hint: format!("; create it with `forkd template create {name}`"),
+        })?;
+        let mut result = self.branch(&template.id, &BranchOptions { count: 1 })?;
+        result.children.pop().ok_or_else(|| Error::internal("branch returned no child"))
     }
 
     pub fn get(&self, id: &SandboxId) -> Result<SandboxInfo> {
@@ -174,8 +299,54 @@ impl Controller {
         self.backend.console(&entry.runtime, max_bytes)
     }
 
+    /// Forks a running sandbox into `opts.count` children that continue from its exact
+    /// memory, disk and process state; the source keeps running.
+    pub fn branch(&self, id: &SandboxId, opts: &BranchOptions) -> Result<BranchResult> {
+        let result = self.branch_inner(id, opts);
+        self.audit("branch", Some(id.as_str()), &result);
+        result
+    }
+
+    fn branch_inner(&self, id: &SandboxId, opts: &BranchOptions) -> Result<BranchResult> {
+        opts.validate()?;
+        let entry = self.entry(id)?;
+        let _exclusive = entry.lifecycle.write().unwrap_or_else(|e| e.into_inner());
+        let source = lock(&entry.info).clone();
+        if let SandboxState::Exited(why) = &source.state {
+            return Err(Error::FailedPrecondition(format!("sandbox {id} has exited ({why}); it cannot be branched")));
+        }
+        let ids: Vec<SandboxId> = (0..opts.count).map(|_| SandboxId::generate()).collect();
+        let branched = self.backend.branch(&entry.runtime, &ids, opts)?;
+        let now = now_unix_ms();
+        let mut children = Vec::new();
+        for (child_id, runtime) in ids.into_iter().zip(branched.children) {
+            let info = SandboxInfo {
+                id: child_id,
+                spec: source.spec.clone(),
+                state: SandboxState::Running,
+                created_unix_ms: now,
+                parent: Some(id.clone()),
+                template: None,
+            };
+            lock(&self.sandboxes).insert(info.id.clone(), Entry::new(info.clone(), runtime.clone()));
+            children.push(Record { info, runtime });
+        }
+        self.persist(|records| records.extend(children.iter().cloned()))?;
+        Ok(BranchResult {
+            source: id.clone(),
+            children: children.into_iter().map(|r| r.info).collect(),
+            pause: branched.pause,
+        })
+    }
+
     /// Stops a sandbox, cancelling its commands in flight, and forgets it.
     pub fn destroy(&self, id: &SandboxId) -> Result<()> {
+        let result = self.destroy_inner(id);
+        self.audit("destroy", Some(id.as_str()), &result);
+        result
+    }
+
+    fn destroy_inner(&self, id: &SandboxId) -> Result<()> {
         let entry = self.entry(id)?;
         for token in lock(&entry.in_flight).drain(..) {
             token.cancel();
@@ -183,7 +354,7 @@ impl Controller {
         let _exclusive = entry.lifecycle.write().unwrap_or_else(|e| e.into_inner());
         self.backend.destroy(&entry.runtime)?;
         lock(&self.sandboxes).remove(id);
-        Ok(())
+        self.persist(|records| records.retain(|r| &r.info.id != id))
     }
 
     /// Destroys every sandbox; returns the first error after trying all.
@@ -205,4 +376,15 @@ fn validate_guest_path(path: &str) -> Result<()> {
         return Err(Error::invalid("path", format!("`{path}` must be an absolute guest path")));
     }
     Ok(())
+}
+
+fn validate_template_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid("name", format!("`{name}` is not a template name (lowercase letters, digits, '-', '_')")))
+    }
 }

@@ -12,9 +12,10 @@ pub mod exec;
 pub mod id;
 pub mod size;
 pub mod spec;
+pub mod store;
 
 pub use backend::{BranchOptions, DirEntry, Liveness, MemoryUsage, RuntimeHandle, SandboxBackend};
-pub use controller::{Controller, SandboxInfo, SandboxState};
+pub use controller::{BranchResult, Controller, SandboxInfo, SandboxState};
 pub use error::{Error, ErrorCode, Result};
 pub use exec::{CancelToken, CapturedOutput, ExecOutcome, ExecRequest, ExecSink, ExitStatus, OutputStream};
 pub use id::SandboxId;

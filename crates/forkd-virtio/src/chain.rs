@@ -18,11 +18,7 @@ pub enum ChainError {
     #[error("guest memory access failed: {0}")]
     Memory(#[from] GuestMemoryError),
     #[error("access of {len} bytes at offset {offset} exceeds the chain's {available} bytes")]
-    OutOfBounds {
-        offset: u64,
-        len: usize,
-        available: u64,
-    },
+    OutOfBounds { offset: u64, len: usize, available: u64 },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -60,10 +56,7 @@ impl ChainBuffers {
             well_ordered: true,
         };
         for desc in chain {
-            let segment = Segment {
-                addr: desc.addr(),
-                len: desc.len(),
-            };
+            let segment = Segment { addr: desc.addr(), len: desc.len() };
             if desc.is_write_only() {
                 buffers.writable_len += u64::from(segment.len);
                 buffers.writable.push(segment);
@@ -95,12 +88,7 @@ impl ChainBuffers {
     }
 
     /// Fills `buf` from the readable area starting at `offset`.
-    pub fn read_at(
-        &self,
-        mem: &GuestMemoryMmap,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), ChainError> {
+    pub fn read_at(&self, mem: &GuestMemoryMmap, offset: u64, buf: &mut [u8]) -> Result<(), ChainError> {
         let mut done = 0usize;
         for (addr, len) in locate(&self.readable, self.readable_len, offset, buf.len())? {
             mem.read_slice(&mut buf[done..done + len], addr)?;
@@ -110,12 +98,7 @@ impl ChainBuffers {
     }
 
     /// Copies `data` into the writable area starting at `offset`.
-    pub fn write_at(
-        &self,
-        mem: &GuestMemoryMmap,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), ChainError> {
+    pub fn write_at(&self, mem: &GuestMemoryMmap, offset: u64, data: &[u8]) -> Result<(), ChainError> {
         let mut done = 0usize;
         for (addr, len) in locate(&self.writable, self.writable_len, offset, data.len())? {
             mem.write_slice(&data[done..done + len], addr)?;
@@ -126,17 +109,8 @@ impl ChainBuffers {
 }
 
 /// Maps `[offset, offset + len)` of a flattened area onto guest address pieces.
-fn locate(
-    segments: &[Segment],
-    total: u64,
-    offset: u64,
-    len: usize,
-) -> Result<Vec<(GuestAddress, usize)>, ChainError> {
-    let out_of_bounds = || ChainError::OutOfBounds {
-        offset,
-        len,
-        available: total,
-    };
+fn locate(segments: &[Segment], total: u64, offset: u64, len: usize) -> Result<Vec<(GuestAddress, usize)>, ChainError> {
+    let out_of_bounds = || ChainError::OutOfBounds { offset, len, available: total };
     let end = offset.checked_add(len as u64).ok_or_else(out_of_bounds)?;
     if end > total {
         return Err(out_of_bounds());

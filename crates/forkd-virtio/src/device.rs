@@ -45,13 +45,7 @@ impl<'a> DeviceContext<'a> {
         interrupt: &'a mut Interrupt,
         active: bool,
     ) -> Self {
-        DeviceContext {
-            mem,
-            queues,
-            interrupt,
-            active,
-            requeue: 0,
-        }
+        DeviceContext { mem, queues, interrupt, active, requeue: 0 }
     }
 
     /// Asks for `process_queue(index)` to run again on a later loop iteration,
@@ -97,10 +91,7 @@ impl<'a> DeviceContext<'a> {
 
 impl fmt::Debug for DeviceContext<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeviceContext")
-            .field("queues", &self.queues.len())
-            .field("active", &self.active)
-            .finish()
+        f.debug_struct("DeviceContext").field("queues", &self.queues.len()).field("active", &self.active).finish()
     }
 }
 
@@ -118,14 +109,10 @@ impl fmt::Debug for DeviceRewire {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DeviceRewire::Keep => f.write_str("Keep"),
-            DeviceRewire::Block { backend } => f
-                .debug_struct("Block")
-                .field("size", &backend.size())
-                .field("read_only", &backend.read_only())
-                .finish(),
-            DeviceRewire::Vsock { uds_path } => {
-                f.debug_struct("Vsock").field("uds_path", uds_path).finish()
+            DeviceRewire::Block { backend } => {
+                f.debug_struct("Block").field("size", &backend.size()).field("read_only", &backend.read_only()).finish()
             }
+            DeviceRewire::Vsock { uds_path } => f.debug_struct("Vsock").field("uds_path", uds_path).finish(),
         }
     }
 }
@@ -136,17 +123,11 @@ pub enum DeviceError {
     #[error("the device cannot be activated: {0}")]
     Activation(String),
     #[error("rewire {given} does not fit a {device} device")]
-    RewireMismatch {
-        device: &'static str,
-        given: &'static str,
-    },
+    RewireMismatch { device: &'static str, given: &'static str },
     #[error("the new block backend is {new} bytes, the device was {old} bytes")]
     BackendSizeChanged { old: u64, new: u64 },
     #[error("failed to bind the vsock listener at {path}: {source}")]
-    Bind {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Bind { path: PathBuf, source: std::io::Error },
     #[error("invalid device state: {0}")]
     InvalidState(String),
 }

@@ -35,16 +35,11 @@ impl RngDevice {
     }
 
     pub fn state(&self) -> RngState {
-        RngState {
-            driver_features: self.driver_features,
-        }
+        RngState { driver_features: self.driver_features }
     }
 
     pub fn from_state(state: &RngState) -> Self {
-        RngDevice {
-            driver_features: state.driver_features,
-            buffer: Vec::new(),
-        }
+        RngDevice { driver_features: state.driver_features, buffer: Vec::new() }
     }
 }
 
@@ -114,11 +109,8 @@ impl VirtioDevice for RngDevice {
             self.buffer.resize(len, 0);
             let written = match fill_random(&mut self.buffer)
                 .map_err(|err| err.to_string())
-                .and_then(|()| {
-                    buffers
-                        .write_at(mem, 0, &self.buffer)
-                        .map_err(|e| e.to_string())
-                }) {
+                .and_then(|()| buffers.write_at(mem, 0, &self.buffer).map_err(|e| e.to_string()))
+            {
                 Ok(()) => len as u32,
                 Err(err) => {
                     tracing::warn!(%err, "virtio-rng request failed");
@@ -141,10 +133,7 @@ impl VirtioDevice for RngDevice {
     fn rewire_after_fork(&mut self, rewire: DeviceRewire) -> Result<(), DeviceError> {
         match rewire {
             DeviceRewire::Keep => Ok(()),
-            other => Err(DeviceError::RewireMismatch {
-                device: "rng",
-                given: other.kind(),
-            }),
+            other => Err(DeviceError::RewireMismatch { device: "rng", given: other.kind() }),
         }
     }
 

@@ -38,11 +38,7 @@ impl RawFileDisk {
     /// Wraps an already opened image; its current length is the disk size.
     pub fn from_file(file: File, read_only: bool) -> io::Result<Self> {
         let size = file.metadata()?.len();
-        Ok(RawFileDisk {
-            file,
-            size,
-            read_only,
-        })
+        Ok(RawFileDisk { file, size, read_only })
     }
 }
 

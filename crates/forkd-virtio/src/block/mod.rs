@@ -9,9 +9,7 @@ mod request;
 use std::any::Any;
 
 use serde::{Deserialize, Serialize};
-use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
-};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::QueueT;
@@ -49,10 +47,7 @@ pub struct BlockDevice {
 
 impl std::fmt::Debug for BlockDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockDevice")
-            .field("size", &self.backend.size())
-            .field("read_only", &self.read_only)
-            .finish()
+        f.debug_struct("BlockDevice").field("size", &self.backend.size()).field("read_only", &self.read_only).finish()
     }
 }
 
@@ -60,13 +55,7 @@ impl BlockDevice {
     /// A block device exposing `backend`; read-only if the backend is.
     pub fn new(backend: Box<dyn DiskBackend>) -> Self {
         let read_only = backend.read_only();
-        BlockDevice {
-            backend,
-            disk_id: [0; 20],
-            read_only,
-            driver_features: 0,
-            bounce: Vec::new(),
-        }
+        BlockDevice { backend, disk_id: [0; 20], read_only, driver_features: 0, bounce: Vec::new() }
     }
 
     /// Sets the serial the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes
@@ -105,10 +94,7 @@ impl BlockDevice {
     }
 
     /// Restores a device from `state` over `backend`, which must be the same size.
-    pub fn from_state(
-        backend: Box<dyn DiskBackend>,
-        state: &BlockState,
-    ) -> Result<Self, DeviceError> {
+    pub fn from_state(backend: Box<dyn DiskBackend>, state: &BlockState) -> Result<Self, DeviceError> {
         let mut device = BlockDevice::new(backend);
         if device.capacity_sectors() != state.capacity_sectors {
             return Err(DeviceError::BackendSizeChanged {
@@ -184,11 +170,7 @@ impl VirtioDevice for BlockDevice {
                 break;
             };
             let buffers = ChainBuffers::new(chain);
-            let disk = Disk {
-                backend: self.backend.as_mut(),
-                id: &self.disk_id,
-                bounce: &mut self.bounce,
-            };
+            let disk = Disk { backend: self.backend.as_mut(), id: &self.disk_id, bounce: &mut self.bounce };
             let used_len = request::execute(&buffers, mem, disk);
             if let Err(err) = queue.add_used(mem, buffers.head_index(), used_len) {
                 tracing::warn!(?err, "virtio-blk cannot return a descriptor");
@@ -211,23 +193,15 @@ impl VirtioDevice for BlockDevice {
         match rewire {
             DeviceRewire::Block { backend } => {
                 if backend.size() / SECTOR_SIZE != self.capacity_sectors() {
-                    return Err(DeviceError::BackendSizeChanged {
-                        old: self.backend.size(),
-                        new: backend.size(),
-                    });
+                    return Err(DeviceError::BackendSizeChanged { old: self.backend.size(), new: backend.size() });
                 }
                 if backend.read_only() && !self.read_only {
-                    tracing::warn!(
-                        "read-write disk rewired to a read-only backend; writes will fail"
-                    );
+                    tracing::warn!("read-write disk rewired to a read-only backend; writes will fail");
                 }
                 self.backend = backend;
                 Ok(())
             }
-            other => Err(DeviceError::RewireMismatch {
-                device: "block",
-                given: other.kind(),
-            }),
+            other => Err(DeviceError::RewireMismatch { device: "block", given: other.kind() }),
         }
     }
 

@@ -1,8 +1,8 @@
 //! Execution of one virtio-blk request (virtio 1.1, section 5.2.6).
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 
 use super::DiskBackend;
@@ -47,20 +47,13 @@ pub fn execute(chain: &ChainBuffers, mem: &GuestMemoryMmap, disk: Disk) -> u32 {
 }
 
 /// Returns the number of data bytes written to the guest, or a failure status.
-fn run(
-    chain: &ChainBuffers,
-    mem: &GuestMemoryMmap,
-    disk: Disk,
-    data_in_len: u64,
-) -> Result<u64, u32> {
+fn run(chain: &ChainBuffers, mem: &GuestMemoryMmap, disk: Disk, data_in_len: u64) -> Result<u64, u32> {
     if !chain.is_well_ordered() || chain.readable_len() < HEADER_SIZE {
         tracing::warn!("malformed virtio-blk request");
         return Err(VIRTIO_BLK_S_IOERR);
     }
     let mut header = [0u8; HEADER_SIZE as usize];
-    chain
-        .read_at(mem, 0, &mut header)
-        .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+    chain.read_at(mem, 0, &mut header).map_err(|_| VIRTIO_BLK_S_IOERR)?;
     let request_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let mut sector_bytes = [0u8; 8];
     sector_bytes.copy_from_slice(&header[8..16]);
@@ -90,9 +83,7 @@ fn run(
         }
         VIRTIO_BLK_T_GET_ID => {
             let len = data_in_len.min(disk.id.len() as u64) as usize;
-            chain
-                .write_at(mem, 0, &disk.id[..len])
-                .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+            chain.write_at(mem, 0, &disk.id[..len]).map_err(|_| VIRTIO_BLK_S_IOERR)?;
             Ok(len as u64)
         }
         other => {
@@ -117,51 +108,31 @@ fn checked_range(disk_size: u64, sector: u64, len: u64) -> Result<u64, u32> {
     Ok(offset)
 }
 
-fn read_disk(
-    chain: &ChainBuffers,
-    mem: &GuestMemoryMmap,
-    disk: Disk,
-    offset: u64,
-    len: u64,
-) -> Result<(), u32> {
+fn read_disk(chain: &ChainBuffers, mem: &GuestMemoryMmap, disk: Disk, offset: u64, len: u64) -> Result<(), u32> {
     let mut done = 0u64;
     while done < len {
         let step = (len - done).min(CHUNK_SIZE as u64) as usize;
         disk.bounce.resize(step, 0);
-        disk.backend
-            .read_at(&mut disk.bounce[..step], offset + done)
-            .map_err(|err| {
-                tracing::warn!(%err, "virtio-blk read failed");
-                VIRTIO_BLK_S_IOERR
-            })?;
-        chain
-            .write_at(mem, done, &disk.bounce[..step])
-            .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+        disk.backend.read_at(&mut disk.bounce[..step], offset + done).map_err(|err| {
+            tracing::warn!(%err, "virtio-blk read failed");
+            VIRTIO_BLK_S_IOERR
+        })?;
+        chain.write_at(mem, done, &disk.bounce[..step]).map_err(|_| VIRTIO_BLK_S_IOERR)?;
         done += step as u64;
     }
     Ok(())
 }
 
-fn write_disk(
-    chain: &ChainBuffers,
-    mem: &GuestMemoryMmap,
-    disk: Disk,
-    offset: u64,
-    len: u64,
-) -> Result<(), u32> {
+fn write_disk(chain: &ChainBuffers, mem: &GuestMemoryMmap, disk: Disk, offset: u64, len: u64) -> Result<(), u32> {
     let mut done = 0u64;
     while done < len {
         let step = (len - done).min(CHUNK_SIZE as u64) as usize;
         disk.bounce.resize(step, 0);
-        chain
-            .read_at(mem, HEADER_SIZE + done, &mut disk.bounce[..step])
-            .map_err(|_| VIRTIO_BLK_S_IOERR)?;
-        disk.backend
-            .write_at(&disk.bounce[..step], offset + done)
-            .map_err(|err| {
-                tracing::warn!(%err, "virtio-blk write failed");
-                VIRTIO_BLK_S_IOERR
-            })?;
+        chain.read_at(mem, HEADER_SIZE + done, &mut disk.bounce[..step]).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+        disk.backend.write_at(&disk.bounce[..step], offset + done).map_err(|err| {
+            tracing::warn!(%err, "virtio-blk write failed");
+            VIRTIO_BLK_S_IOERR
+        })?;
         done += step as u64;
     }
     Ok(())

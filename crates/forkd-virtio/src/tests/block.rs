@@ -60,20 +60,12 @@ impl Disk {
 fn config_space_and_features() {
     let d = disk(false);
     let mut capacity = [0u8; 8];
-    d.driver
-        .transport
-        .lock()
-        .unwrap()
-        .read(0x100, &mut capacity);
+    d.driver.transport.lock().unwrap().read(0x100, &mut capacity);
     assert_eq!(u64::from_le_bytes(capacity), DISK_SIZE / 512);
     assert_eq!(d.driver.read_reg(0x100 + 20), 512, "blk_size");
     assert_eq!(d.driver.read_reg(0x100 + 12), 254, "seg_max");
     let features = d.driver.device_features();
-    for bit in [
-        VIRTIO_BLK_F_FLUSH,
-        VIRTIO_BLK_F_SEG_MAX,
-        VIRTIO_BLK_F_BLK_SIZE,
-    ] {
+    for bit in [VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE] {
         assert_ne!(features & (1 << bit), 0, "feature {bit}");
     }
     assert_eq!(features & (1 << VIRTIO_BLK_F_RO), 0);
@@ -96,10 +88,7 @@ fn read_sectors() {
     );
     assert_eq!(status_byte, VIRTIO_BLK_S_OK as u8);
     assert_eq!(used, 1025);
-    assert_eq!(
-        d.driver.read_mem(data, 1024),
-        pattern(DISK_SIZE as usize)[1024..2048]
-    );
+    assert_eq!(d.driver.read_mem(data, 1024), pattern(DISK_SIZE as usize)[1024..2048]);
 }
 
 #[test]
@@ -109,14 +98,8 @@ fn write_sectors_then_flush() {
     let payload = vec![0xabu8; 1024];
     let data = d.driver.alloc_with(&payload);
     let status = d.driver.alloc(1);
-    let (used, status_byte) = d.submit(
-        &[
-            Buf::readable(header, 16),
-            Buf::readable(data, 1024),
-            Buf::writable(status, 1),
-        ],
-        status,
-    );
+    let (used, status_byte) =
+        d.submit(&[Buf::readable(header, 16), Buf::readable(data, 1024), Buf::writable(status, 1)], status);
     assert_eq!((used, status_byte), (1, VIRTIO_BLK_S_OK as u8));
     let contents = d.file_bytes();
     assert_eq!(&contents[2048..3072], &payload[..]);
@@ -124,10 +107,7 @@ fn write_sectors_then_flush() {
 
     let header = d.header(VIRTIO_BLK_T_FLUSH, 0);
     let status = d.driver.alloc(1);
-    let (used, status_byte) = d.submit(
-        &[Buf::readable(header, 16), Buf::writable(status, 1)],
-        status,
-    );
+    let (used, status_byte) = d.submit(&[Buf::readable(header, 16), Buf::writable(status, 1)], status);
     assert_eq!((used, status_byte), (1, VIRTIO_BLK_S_OK as u8));
 }
 
@@ -142,13 +122,7 @@ fn header_and_data_may_share_descriptors() {
     request.extend_from_slice(&[0x5a; 512]);
     let addr = d.driver.alloc_with(&request);
     let status = d.driver.alloc(1);
-    let (_, status_byte) = d.submit(
-        &[
-            Buf::readable(addr, request.len() as u32),
-            Buf::writable(status, 1),
-        ],
-        status,
-    );
+    let (_, status_byte) = d.submit(&[Buf::readable(addr, request.len() as u32), Buf::writable(status, 1)], status);
     assert_eq!(status_byte, VIRTIO_BLK_S_OK as u8);
     assert_eq!(&d.file_bytes()[512..1024], &[0x5a; 512][..]);
 }
@@ -159,14 +133,8 @@ fn get_id_returns_the_serial() {
     let header = d.header(VIRTIO_BLK_T_GET_ID, 0);
     let data = d.driver.alloc(20);
     let status = d.driver.alloc(1);
-    let (used, status_byte) = d.submit(
-        &[
-            Buf::readable(header, 16),
-            Buf::writable(data, 20),
-            Buf::writable(status, 1),
-        ],
-        status,
-    );
+    let (used, status_byte) =
+        d.submit(&[Buf::readable(header, 16), Buf::writable(data, 20), Buf::writable(status, 1)], status);
     assert_eq!((used, status_byte), (21, VIRTIO_BLK_S_OK as u8));
     let mut expected = b"forkd-disk-1".to_vec();
     expected.resize(20, 0);
@@ -176,40 +144,20 @@ fn get_id_returns_the_serial() {
 #[test]
 fn out_of_range_requests_fail_with_ioerr() {
     let mut d = disk(false);
-    for (sector, len) in [
-        (DISK_SIZE / 512, 512),
-        (DISK_SIZE / 512 - 1, 1024),
-        (u64::MAX / 256, 512),
-    ] {
+    for (sector, len) in [(DISK_SIZE / 512, 512), (DISK_SIZE / 512 - 1, 1024), (u64::MAX / 256, 512)] {
         let header = d.header(VIRTIO_BLK_T_IN, sector);
         let data = d.driver.alloc(len);
         let status = d.driver.alloc(1);
-        let (used, status_byte) = d.submit(
-            &[
-                Buf::readable(header, 16),
-                Buf::writable(data, len),
-                Buf::writable(status, 1),
-            ],
-            status,
-        );
-        assert_eq!(
-            (used, status_byte),
-            (1, VIRTIO_BLK_S_IOERR as u8),
-            "sector {sector}"
-        );
+        let (used, status_byte) =
+            d.submit(&[Buf::readable(header, 16), Buf::writable(data, len), Buf::writable(status, 1)], status);
+        assert_eq!((used, status_byte), (1, VIRTIO_BLK_S_IOERR as u8), "sector {sector}");
     }
     // A length that is not a whole number of sectors is refused too.
     let header = d.header(VIRTIO_BLK_T_IN, 0);
     let data = d.driver.alloc(100);
     let status = d.driver.alloc(1);
-    let (_, status_byte) = d.submit(
-        &[
-            Buf::readable(header, 16),
-            Buf::writable(data, 100),
-            Buf::writable(status, 1),
-        ],
-        status,
-    );
+    let (_, status_byte) =
+        d.submit(&[Buf::readable(header, 16), Buf::writable(data, 100), Buf::writable(status, 1)], status);
     assert_eq!(status_byte, VIRTIO_BLK_S_IOERR as u8);
 }
 
@@ -220,14 +168,8 @@ fn read_only_disks_refuse_writes() {
     let header = d.header(VIRTIO_BLK_T_OUT, 0);
     let data = d.driver.alloc_with(&[1u8; 512]);
     let status = d.driver.alloc(1);
-    let (_, status_byte) = d.submit(
-        &[
-            Buf::readable(header, 16),
-            Buf::readable(data, 512),
-            Buf::writable(status, 1),
-        ],
-        status,
-    );
+    let (_, status_byte) =
+        d.submit(&[Buf::readable(header, 16), Buf::readable(data, 512), Buf::writable(status, 1)], status);
     assert_eq!(status_byte, VIRTIO_BLK_S_IOERR as u8);
     assert_eq!(d.file_bytes(), pattern(DISK_SIZE as usize));
 }
@@ -237,10 +179,7 @@ fn unknown_requests_are_unsupported() {
     let mut d = disk(false);
     let header = d.header(0x1234, 0);
     let status = d.driver.alloc(1);
-    let (_, status_byte) = d.submit(
-        &[Buf::readable(header, 16), Buf::writable(status, 1)],
-        status,
-    );
+    let (_, status_byte) = d.submit(&[Buf::readable(header, 16), Buf::writable(status, 1)], status);
     assert_eq!(status_byte, VIRTIO_BLK_S_UNSUPP as u8);
 }
 
@@ -256,34 +195,21 @@ fn malformed_chains_do_not_panic() {
 
     // Header too short.
     let status = d.driver.alloc(1);
-    let (_, status_byte) = d.submit(
-        &[Buf::readable(header, 8), Buf::writable(status, 1)],
-        status,
-    );
+    let (_, status_byte) = d.submit(&[Buf::readable(header, 8), Buf::writable(status, 1)], status);
     assert_eq!(status_byte, VIRTIO_BLK_S_IOERR as u8);
 
     // Data buffer outside guest memory.
     let header = d.header(VIRTIO_BLK_T_IN, 0);
     let status = d.driver.alloc(1);
-    let (_, status_byte) = d.submit(
-        &[
-            Buf::readable(header, 16),
-            Buf::writable(0xffff_0000_0000, 512),
-            Buf::writable(status, 1),
-        ],
-        status,
-    );
+    let (_, status_byte) =
+        d.submit(&[Buf::readable(header, 16), Buf::writable(0xffff_0000_0000, 512), Buf::writable(status, 1)], status);
     assert_eq!(status_byte, VIRTIO_BLK_S_IOERR as u8);
 
     // A descriptor claiming 4 GiB must not make us allocate it.
     let header = d.header(VIRTIO_BLK_T_IN, 0);
     let status = d.driver.alloc(1);
     let (_, status_byte) = d.submit(
-        &[
-            Buf::readable(header, 16),
-            Buf::writable(0x10_0000, u32::MAX - 511),
-            Buf::writable(status, 1),
-        ],
+        &[Buf::readable(header, 16), Buf::writable(0x10_0000, u32::MAX - 511), Buf::writable(status, 1)],
         status,
     );
     assert_eq!(status_byte, VIRTIO_BLK_S_IOERR as u8);
@@ -300,31 +226,17 @@ fn rewire_switches_the_backend() {
         .transport
         .lock()
         .unwrap()
-        .rewire_after_fork(
-            irq.try_clone().unwrap(),
-            DeviceRewire::Block {
-                backend: Box::new(backend),
-            },
-        )
+        .rewire_after_fork(irq.try_clone().unwrap(), DeviceRewire::Block { backend: Box::new(backend) })
         .unwrap();
     let Disk { driver, file } = d;
-    let mut d = Disk {
-        driver: driver.into_child(irq),
-        file,
-    };
+    let mut d = Disk { driver: driver.into_child(irq), file };
 
     // Reads now come from the new backend; the old file is left alone.
     let header = d.header(VIRTIO_BLK_T_IN, 0);
     let data = d.driver.alloc(512);
     let status = d.driver.alloc(1);
-    let (_, status_byte) = d.submit(
-        &[
-            Buf::readable(header, 16),
-            Buf::writable(data, 512),
-            Buf::writable(status, 1),
-        ],
-        status,
-    );
+    let (_, status_byte) =
+        d.submit(&[Buf::readable(header, 16), Buf::writable(data, 512), Buf::writable(status, 1)], status);
     assert_eq!(status_byte, VIRTIO_BLK_S_OK as u8);
     assert_eq!(d.driver.read_mem(data, 512), vec![0x77u8; 512]);
     assert_eq!(d.file_bytes(), pattern(DISK_SIZE as usize));
@@ -339,20 +251,9 @@ fn rewire_switches_the_backend() {
         .transport
         .lock()
         .unwrap()
-        .rewire_after_fork(
-            irq,
-            DeviceRewire::Block {
-                backend: Box::new(backend)
-            }
-        )
+        .rewire_after_fork(irq, DeviceRewire::Block { backend: Box::new(backend) })
         .is_err());
 
-    let block = d
-        .driver
-        .transport
-        .lock()
-        .unwrap()
-        .device::<BlockDevice>()
-        .map(|b| b.capacity_sectors());
+    let block = d.driver.transport.lock().unwrap().device::<BlockDevice>().map(|b| b.capacity_sectors());
     assert_eq!(block, Some(DISK_SIZE / 512));
 }

@@ -26,18 +26,10 @@ pub struct Buf {
 
 impl Buf {
     pub fn readable(addr: u64, len: u32) -> Self {
-        Buf {
-            addr,
-            len,
-            writable: false,
-        }
+        Buf { addr, len, writable: false }
     }
     pub fn writable(addr: u64, len: u32) -> Self {
-        Buf {
-            addr,
-            len,
-            writable: true,
-        }
+        Buf { addr, len, writable: true }
     }
 }
 
@@ -90,35 +82,20 @@ impl MockDriver {
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
         let mem = guest_memory();
         let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        let transport = MmioTransport::new(mem.clone(), device, irq.try_clone().expect("clone"))
-            .expect("transport");
+        let transport = MmioTransport::new(mem.clone(), device, irq.try_clone().expect("clone")).expect("transport");
         Self::with_transport(mem, Arc::new(Mutex::new(transport)), irq)
     }
 
     pub fn with_transport(mem: GuestMemoryMmap, transport: SharedTransport, irq: EventFd) -> Self {
         let mut event_manager = EventManager::new().expect("event manager");
         event_manager.add_subscriber(transport.clone());
-        MockDriver {
-            mem,
-            transport,
-            event_manager,
-            irq,
-            queues: Vec::new(),
-            next_data: DATA_AREA,
-        }
+        MockDriver { mem, transport, event_manager, irq, queues: Vec::new(), next_data: DATA_AREA }
     }
 
     /// Continues as the forked child: same guest memory and rings, the
     /// transport registered with a brand-new event manager, `irq` as irqfd.
     pub fn into_child(self, irq: EventFd) -> MockDriver {
-        let MockDriver {
-            mem,
-            transport,
-            event_manager,
-            queues,
-            next_data,
-            ..
-        } = self;
+        let MockDriver { mem, transport, event_manager, queues, next_data, .. } = self;
         drop(event_manager);
         let mut child = MockDriver::with_transport(mem, transport, irq);
         child.queues = queues;
@@ -134,10 +111,7 @@ impl MockDriver {
     }
 
     pub fn write_reg(&self, offset: u64, value: u32) {
-        self.transport
-            .lock()
-            .unwrap()
-            .write(offset, &value.to_le_bytes());
+        self.transport.lock().unwrap().write(offset, &value.to_le_bytes());
     }
 
     pub fn device_features(&self) -> u64 {
@@ -157,10 +131,7 @@ impl MockDriver {
         self.write_reg(DRIVER_FEATURES, features as u32);
         self.write_reg(DRIVER_FEATURES_SEL, 1);
         self.write_reg(DRIVER_FEATURES, (features >> 32) as u32);
-        self.write_reg(
-            STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
+        self.write_reg(STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
         self.read_reg(STATUS) & status::FEATURES_OK != 0
     }
 
@@ -185,34 +156,17 @@ impl MockDriver {
             let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
             next = (used + 6 + 8 * u64::from(size) + 0xfff) & !0xfff;
             // Like a real driver, start from zeroed rings.
-            self.mem
-                .write_slice(&vec![0u8; (next - desc) as usize], GuestAddress(desc))
-                .unwrap();
+            self.mem.write_slice(&vec![0u8; (next - desc) as usize], GuestAddress(desc)).unwrap();
             self.write_reg(QUEUE_NUM, u32::from(size));
-            for (low, value) in [
-                (QUEUE_DESC_LOW, desc),
-                (QUEUE_DRIVER_LOW, avail),
-                (QUEUE_DEVICE_LOW, used),
-            ] {
+            for (low, value) in [(QUEUE_DESC_LOW, desc), (QUEUE_DRIVER_LOW, avail), (QUEUE_DEVICE_LOW, used)] {
                 self.write_reg(low, value as u32);
                 self.write_reg(low + 4, (value >> 32) as u32);
             }
             self.write_reg(QUEUE_READY, 1);
             assert_eq!(self.read_reg(QUEUE_READY), 1);
-            self.queues.push(GuestQueue {
-                size,
-                desc,
-                avail,
-                used,
-                next_desc: 0,
-                avail_idx: 0,
-                used_seen: 0,
-            });
+            self.queues.push(GuestQueue { size, desc, avail, used, next_desc: 0, avail_idx: 0, used_seen: 0 });
         }
-        self.write_reg(
-            STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
+        self.write_reg(STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
         assert_eq!(self.read_reg(STATUS) & status::DEVICE_NEEDS_RESET, 0);
         self.run();
     }
@@ -222,9 +176,7 @@ impl MockDriver {
         let addr = self.next_data;
         self.next_data = (addr + u64::from(len) + 15) & !15;
         assert!(self.next_data < MEM_SIZE as u64, "mock guest out of memory");
-        self.mem
-            .write_slice(&vec![0u8; len as usize], GuestAddress(addr))
-            .unwrap();
+        self.mem.write_slice(&vec![0u8; len as usize], GuestAddress(addr)).unwrap();
         addr
     }
 
@@ -268,9 +220,7 @@ impl MockDriver {
         let slot = q.avail + 4 + 2 * u64::from(q.avail_idx % q.size);
         self.mem.write_obj(head, GuestAddress(slot)).unwrap();
         q.avail_idx = q.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(q.avail_idx, GuestAddress(q.avail + 2))
-            .unwrap();
+        self.mem.write_obj(q.avail_idx, GuestAddress(q.avail + 2)).unwrap();
         head
     }
 

@@ -41,13 +41,8 @@ fn hammer(device: Box<dyn VirtioDevice>, seed: u64) {
     for round in 0..200 {
         let queue = (rng.next() as usize) % queue_count;
         let count = 1 + (rng.next() % 4) as usize;
-        let bufs: Vec<Buf> = (0..count)
-            .map(|_| Buf {
-                addr: rng.addr(),
-                len: rng.len(),
-                writable: rng.next() % 2 == 0,
-            })
-            .collect();
+        let bufs: Vec<Buf> =
+            (0..count).map(|_| Buf { addr: rng.addr(), len: rng.len(), writable: rng.next() % 2 == 0 }).collect();
         driver.add_chain(queue, &bufs);
         if round % 50 == 49 {
             // Garbage in the descriptor table itself (bad next indexes, loops).
@@ -97,10 +92,7 @@ fn avail_index_far_ahead_is_rejected() {
     let mut driver = MockDriver::new(Box::new(RngDevice::new()));
     driver.init(16);
     let avail = driver.queues[0].avail_addr();
-    driver
-        .mem
-        .write_obj(1000u16, GuestAddress(avail + 2))
-        .unwrap();
+    driver.mem.write_obj(1000u16, GuestAddress(avail + 2)).unwrap();
     driver.notify(0);
     driver.run();
     assert!(driver.used(0).is_empty());

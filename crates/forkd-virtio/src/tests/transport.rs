@@ -26,11 +26,7 @@ fn identification_registers() {
     assert_eq!(driver.read_reg(CONFIG_GENERATION), 0);
     // Non-32-bit register accesses are ignored and read as zero.
     let mut narrow = [0xffu8; 2];
-    driver
-        .transport
-        .lock()
-        .unwrap()
-        .read(MAGIC_VALUE, &mut narrow);
+    driver.transport.lock().unwrap().read(MAGIC_VALUE, &mut narrow);
     assert_eq!(narrow, [0, 0]);
 }
 
@@ -112,10 +108,7 @@ fn buffers_queued_before_driver_ok_are_processed_on_activation() {
     driver.queues[0].restart();
     let buf = driver.alloc(8);
     let head = driver.add_chain(0, &[Buf::writable(buf, 8)]);
-    driver.write_reg(
-        STATUS,
-        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-    );
+    driver.write_reg(STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
     driver.run();
     assert_eq!(driver.used(0), vec![(u32::from(head), 8)]);
 }
@@ -131,10 +124,7 @@ fn invalid_queue_addresses_make_activation_fail() {
     driver.write_reg(QUEUE_DRIVER_LOW, 0x2000);
     driver.write_reg(QUEUE_DEVICE_LOW, 0x3000);
     driver.write_reg(QUEUE_READY, 1);
-    driver.write_reg(
-        STATUS,
-        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-    );
+    driver.write_reg(STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
     assert_ne!(driver.read_reg(STATUS) & status::DEVICE_NEEDS_RESET, 0);
     assert!(!driver.transport.lock().unwrap().is_activated());
 }
@@ -166,8 +156,7 @@ fn state_round_trips_through_serde() {
     )
     .unwrap();
     assert_eq!(restored.state(), state);
-    let mut restored_driver =
-        MockDriver::with_transport(driver.mem.clone(), Arc::new(Mutex::new(restored)), irq);
+    let mut restored_driver = MockDriver::with_transport(driver.mem.clone(), Arc::new(Mutex::new(restored)), irq);
     restored_driver.queues = std::mem::take(&mut driver.queues);
     restored_driver.run();
     let buf = restored_driver.alloc(8);
@@ -188,19 +177,11 @@ fn rewire_after_fork_replaces_every_fd() {
     {
         let mut transport = driver.transport.lock().unwrap();
         transport.prepare_fork();
-        transport
-            .rewire_after_fork(new_irq.try_clone().unwrap(), DeviceRewire::Keep)
-            .unwrap();
+        transport.rewire_after_fork(new_irq.try_clone().unwrap(), DeviceRewire::Keep).unwrap();
         let new_fds = transport.own_fds();
         assert_eq!(new_fds.len(), old_fds.len());
-        assert!(
-            new_fds.iter().all(|fd| !old_fds.contains(fd)),
-            "old {old_fds:?} new {new_fds:?}"
-        );
-        assert_eq!(
-            transport.interrupt_eventfd().as_raw_fd(),
-            *new_fds.last().unwrap()
-        );
+        assert!(new_fds.iter().all(|fd| !old_fds.contains(fd)), "old {old_fds:?} new {new_fds:?}");
+        assert_eq!(transport.interrupt_eventfd().as_raw_fd(), *new_fds.last().unwrap());
     }
 
     // The child registers the transport with a brand-new event manager.
@@ -211,22 +192,18 @@ fn rewire_after_fork_replaces_every_fd() {
     child.run();
     assert_eq!(child.used(0), vec![(u32::from(head), 8)]);
     assert!(child.take_interrupt());
-    assert!(
-        old_irq.read().is_err(),
-        "the parent's irqfd must stay silent"
-    );
+    assert!(old_irq.read().is_err(), "the parent's irqfd must stay silent");
 }
 
 #[test]
 fn rewire_with_the_wrong_device_kind_fails() {
     let driver = rng_driver();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let result = driver.transport.lock().unwrap().rewire_after_fork(
-        irq,
-        DeviceRewire::Vsock {
-            uds_path: "/nonexistent".into(),
-        },
-    );
+    let result = driver
+        .transport
+        .lock()
+        .unwrap()
+        .rewire_after_fork(irq, DeviceRewire::Vsock { uds_path: "/nonexistent".into() });
     assert!(result.is_err());
 }
 
@@ -234,15 +211,9 @@ fn rewire_with_the_wrong_device_kind_fails() {
 fn transport_fits_the_vmm_event_manager() {
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let transport = MmioTransport::new(
-        super::mock_driver::guest_memory(),
-        Box::new(RngDevice::new()),
-        irq,
-    )
-    .unwrap();
+    let transport = MmioTransport::new(super::mock_driver::guest_memory(), Box::new(RngDevice::new()), irq).unwrap();
     let shared: Arc<Mutex<dyn MutEventSubscriber + Send>> = Arc::new(Mutex::new(transport));
-    let mut event_manager =
-        EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
     event_manager.add_subscriber(shared);
     event_manager.run_with_timeout(0).unwrap();
 }

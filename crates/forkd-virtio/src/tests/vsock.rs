@@ -31,12 +31,7 @@ fn guest() -> Guest {
     let device = VsockDevice::new(GUEST_CID, &path).unwrap();
     let mut driver = MockDriver::new(Box::new(device));
     driver.init(128);
-    let mut guest = Guest {
-        driver,
-        _dir: dir,
-        path,
-        rx_buffers: HashMap::new(),
-    };
+    let mut guest = Guest { driver, _dir: dir, path, rx_buffers: HashMap::new() };
     for _ in 0..RX_BUFFERS {
         guest.post_rx_buffer();
     }
@@ -62,9 +57,7 @@ fn packet(op: u16, guest_port: u32, host_port: u32) -> PacketHeader {
 
 fn client(path: &std::path::Path) -> UnixStream {
     let stream = UnixStream::connect(path).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     stream
 }
 
@@ -78,9 +71,7 @@ fn read_line(stream: &UnixStream) -> String {
 impl Guest {
     fn post_rx_buffer(&mut self) {
         let addr = self.driver.alloc(RX_BUF_SIZE);
-        let head = self
-            .driver
-            .add_chain(RX, &[Buf::writable(addr, RX_BUF_SIZE)]);
+        let head = self.driver.add_chain(RX, &[Buf::writable(addr, RX_BUF_SIZE)]);
         self.rx_buffers.insert(head, addr);
     }
 
@@ -88,16 +79,12 @@ impl Guest {
         header.len = payload.len() as u32;
         let header_addr = self.driver.alloc_with(&header.to_bytes());
         if payload.is_empty() {
-            self.driver
-                .add_chain(TX, &[Buf::readable(header_addr, HEADER_SIZE as u32)]);
+            self.driver.add_chain(TX, &[Buf::readable(header_addr, HEADER_SIZE as u32)]);
         } else {
             let payload_addr = self.driver.alloc_with(payload);
             self.driver.add_chain(
                 TX,
-                &[
-                    Buf::readable(header_addr, HEADER_SIZE as u32),
-                    Buf::readable(payload_addr, payload.len() as u32),
-                ],
+                &[Buf::readable(header_addr, HEADER_SIZE as u32), Buf::readable(payload_addr, payload.len() as u32)],
             );
         }
         self.driver.notify(TX);
@@ -116,16 +103,11 @@ impl Guest {
                 return packets;
             }
             for (head, len) in used {
-                let addr = self
-                    .rx_buffers
-                    .remove(&(head as u16))
-                    .expect("unknown rx buffer");
+                let addr = self.rx_buffers.remove(&(head as u16)).expect("unknown rx buffer");
                 let raw = self.driver.read_mem(addr, HEADER_SIZE);
                 let header = PacketHeader::from_bytes(&raw.try_into().unwrap());
                 assert_eq!(len as usize, HEADER_SIZE + header.len as usize);
-                let payload = self
-                    .driver
-                    .read_mem(addr + HEADER_SIZE as u64, header.len as usize);
+                let payload = self.driver.read_mem(addr + HEADER_SIZE as u64, header.len as usize);
                 assert_eq!(header.src_cid, HOST_CID);
                 assert_eq!(header.dst_cid, GUEST_CID);
                 assert_eq!(header.type_, TYPE_STREAM);
@@ -143,22 +125,14 @@ impl Guest {
     }
 
     fn connection_count(&self) -> usize {
-        self.driver
-            .transport
-            .lock()
-            .unwrap()
-            .device::<VsockDevice>()
-            .unwrap()
-            .connection_count()
+        self.driver.transport.lock().unwrap().device::<VsockDevice>().unwrap().connection_count()
     }
 
     /// Host client connects to guest port `guest_port`; the guest accepts.
     /// Returns the client and the host-side port.
     fn establish(&mut self, guest_port: u32) -> (UnixStream, u32) {
         let mut stream = client(&self.path);
-        stream
-            .write_all(format!("CONNECT {guest_port}\n").as_bytes())
-            .unwrap();
+        stream.write_all(format!("CONNECT {guest_port}\n").as_bytes()).unwrap();
         let (request, _) = self.recv_one();
         assert_eq!(request.op, OP_REQUEST);
         assert_eq!(request.dst_port, guest_port);
@@ -295,14 +269,9 @@ fn guest_initiated_connection_reaches_the_port_socket() {
     let listener = UnixListener::bind(format!("{}_5000", g.path.display())).unwrap();
     g.send(packet(OP_REQUEST, 40000, 5000), &[]);
     let (response, _) = g.recv_one();
-    assert_eq!(
-        (response.op, response.src_port, response.dst_port),
-        (OP_RESPONSE, 5000, 40000)
-    );
+    assert_eq!((response.op, response.src_port, response.dst_port), (OP_RESPONSE, 5000, 40000));
     let (mut accepted, _) = listener.accept().unwrap();
-    accepted
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    accepted.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
 
     g.send(packet(OP_RW, 40000, 5000), b"ping");
     let mut buf = [0u8; 4];
@@ -362,10 +331,7 @@ fn slow_host_client_is_buffered_and_credit_is_returned() {
         let header_addr = g.driver.alloc_with(&header.to_bytes());
         g.driver.add_chain(
             TX,
-            &[
-                Buf::readable(header_addr, HEADER_SIZE as u32),
-                Buf::readable(payload_addr, chunk.len() as u32),
-            ],
+            &[Buf::readable(header_addr, HEADER_SIZE as u32), Buf::readable(payload_addr, chunk.len() as u32)],
         );
         g.driver.notify(TX);
         g.driver.run();
@@ -375,9 +341,7 @@ fn slow_host_client_is_buffered_and_credit_is_returned() {
     assert!(g.recv().iter().all(|(h, _)| h.op != OP_RST));
 
     // Drain the client while the event loop flushes the device's buffer.
-    stream
-        .set_read_timeout(Some(Duration::from_millis(20)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
     let mut received = Vec::new();
     let mut updates = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -417,10 +381,7 @@ fn guest_overrunning_credit_is_reset() {
         let header_addr = g.driver.alloc_with(&header.to_bytes());
         g.driver.add_chain(
             TX,
-            &[
-                Buf::readable(header_addr, HEADER_SIZE as u32),
-                Buf::readable(payload_addr, chunk.len() as u32),
-            ],
+            &[Buf::readable(header_addr, HEADER_SIZE as u32), Buf::readable(payload_addr, chunk.len() as u32)],
         );
         g.driver.notify(TX);
         if g.recv().iter().any(|(h, _)| h.op == OP_RST) {
@@ -448,8 +409,7 @@ fn packets_for_unknown_connections_get_rst() {
     let mut header = packet(OP_RW, 1, 2);
     header.len = 100;
     let addr = g.driver.alloc_with(&header.to_bytes());
-    g.driver
-        .add_chain(TX, &[Buf::readable(addr, HEADER_SIZE as u32)]);
+    g.driver.add_chain(TX, &[Buf::readable(addr, HEADER_SIZE as u32)]);
     g.driver.notify(TX);
     assert!(g.recv().is_empty());
 }
@@ -460,9 +420,7 @@ fn many_concurrent_connections() {
     let mut clients = Vec::new();
     for port in 0..64u32 {
         let mut stream = client(&g.path);
-        stream
-            .write_all(format!("CONNECT {}\n", 2000 + port).as_bytes())
-            .unwrap();
+        stream.write_all(format!("CONNECT {}\n", 2000 + port).as_bytes()).unwrap();
         clients.push(stream);
     }
     let requests = g.recv();
@@ -482,10 +440,7 @@ fn many_concurrent_connections() {
     assert_eq!(data.len(), 64);
     for (header, payload) in &data {
         assert_eq!(header.op, OP_RW);
-        assert_eq!(
-            payload,
-            format!("from {}", header.dst_port - 2000).as_bytes()
-        );
+        assert_eq!(payload, format!("from {}", header.dst_port - 2000).as_bytes());
     }
     assert_eq!(g.connection_count(), 64);
     drop(clients);
@@ -512,18 +467,10 @@ fn transport_reset_drops_connections_and_notifies_the_guest() {
     let mut g = guest();
     let event = post_event_buffer(&mut g);
     let (mut stream, _) = g.establish(1234);
-    g.driver
-        .transport
-        .lock()
-        .unwrap()
-        .with_device(|vsock: &mut VsockDevice| vsock.transport_reset())
-        .unwrap();
+    g.driver.transport.lock().unwrap().with_device(|vsock: &mut VsockDevice| vsock.transport_reset()).unwrap();
     g.driver.run();
     assert_eq!(g.driver.used(EVENT), vec![(0, 4)]);
-    assert_eq!(
-        g.driver.read_mem(event, 4),
-        EVENT_TRANSPORT_RESET.to_le_bytes()
-    );
+    assert_eq!(g.driver.read_mem(event, 4), EVENT_TRANSPORT_RESET.to_le_bytes());
     let mut rest = Vec::new();
     stream.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
@@ -555,40 +502,19 @@ fn rewire_after_fork_listens_on_the_new_path_and_resets_the_guest() {
         let mut transport = g.driver.transport.lock().unwrap();
         transport.prepare_fork();
         transport
-            .rewire_after_fork(
-                irq.try_clone().unwrap(),
-                DeviceRewire::Vsock {
-                    uds_path: new_path.clone(),
-                },
-            )
+            .rewire_after_fork(irq.try_clone().unwrap(), DeviceRewire::Vsock { uds_path: new_path.clone() })
             .unwrap();
     }
-    let Guest {
-        driver,
-        _dir,
-        rx_buffers,
-        ..
-    } = g;
-    let mut g = Guest {
-        driver: driver.into_child(irq),
-        _dir,
-        path: new_path,
-        rx_buffers,
-    };
+    let Guest { driver, _dir, rx_buffers, .. } = g;
+    let mut g = Guest { driver: driver.into_child(irq), _dir, path: new_path, rx_buffers };
     assert_eq!(g.driver.used(EVENT), vec![(0, 4)]);
-    assert_eq!(
-        g.driver.read_mem(event, 4),
-        EVENT_TRANSPORT_RESET.to_le_bytes()
-    );
+    assert_eq!(g.driver.read_mem(event, 4), EVENT_TRANSPORT_RESET.to_le_bytes());
     assert!(g.driver.take_interrupt());
     assert_eq!(g.connection_count(), 0);
     let (mut stream, host_port) = g.establish(1234);
     stream.write_all(b"child").unwrap();
     let (rw, payload) = g.recv_one();
-    assert_eq!(
-        (rw.src_port, payload.as_slice()),
-        (host_port, &b"child"[..])
-    );
+    assert_eq!((rw.src_port, payload.as_slice()), (host_port, &b"child"[..]));
 }
 
 #[test]
@@ -606,8 +532,7 @@ fn header_only_rx_buffers_do_not_spin() {
 
     // Now only a buffer that fits a header but no data is available.
     let tiny = g.driver.alloc(HEADER_SIZE as u32);
-    g.driver
-        .add_chain(RX, &[Buf::writable(tiny, HEADER_SIZE as u32)]);
+    g.driver.add_chain(RX, &[Buf::writable(tiny, HEADER_SIZE as u32)]);
     g.driver.notify(RX);
     stream.write_all(b"more").unwrap();
     // run() returns once the loop is idle: it does not spin on the readable socket.

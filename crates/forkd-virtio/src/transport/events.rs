@@ -49,9 +49,7 @@ impl MmioTransport {
         wanted.sort_unstable_by_key(|interest| interest.fd);
 
         registry.registered.retain(|&fd, &mut (token, events)| {
-            let still_wanted = wanted
-                .binary_search_by_key(&fd, |interest| interest.fd)
-                .is_ok();
+            let still_wanted = wanted.binary_search_by_key(&fd, |interest| interest.fd).is_ok();
             if !still_wanted {
                 remove_from_epoll(ops, fd, token, events);
             }
@@ -65,9 +63,7 @@ impl MmioTransport {
                     let update = Events::with_data_raw(interest.fd, token, interest.events);
                     match ops.modify(update) {
                         Ok(()) => {
-                            registry
-                                .registered
-                                .insert(interest.fd, (token, interest.events));
+                            registry.registered.insert(interest.fd, (token, interest.events));
                         }
                         // The old entry stays, so a later pass retries or removes it.
                         Err(err) => tracing::warn!(fd = interest.fd, ?err, "epoll modify failed"),
@@ -112,11 +108,7 @@ impl MmioTransport {
     }
 }
 
-fn add_to_epoll(
-    ops: &mut EventOps,
-    registered: &mut HashMap<RawFd, (u32, EventSet)>,
-    interest: &Interest,
-) {
+fn add_to_epoll(ops: &mut EventOps, registered: &mut HashMap<RawFd, (u32, EventSet)>, interest: &Interest) {
     let events = Events::with_data_raw(interest.fd, interest.token, interest.events);
     match ops.add(events) {
         Ok(()) => {

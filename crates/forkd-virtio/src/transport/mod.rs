@@ -80,14 +80,9 @@ impl MmioTransport {
     ) -> Result<Self, TransportError> {
         let mut queues = Vec::new();
         for (index, &size) in device.queue_max_sizes().iter().enumerate() {
-            queues.push(
-                Queue::new(size).map_err(|_| TransportError::InvalidQueueSize { index, size })?,
-            );
+            queues.push(Queue::new(size).map_err(|_| TransportError::InvalidQueueSize { index, size })?);
         }
-        let queue_events = queues
-            .iter()
-            .map(|_| new_eventfd())
-            .collect::<Result<Vec<_>, _>>()?;
+        let queue_events = queues.iter().map(|_| new_eventfd()).collect::<Result<Vec<_>, _>>()?;
         Ok(MmioTransport {
             mem,
             device,
@@ -125,13 +120,9 @@ impl MmioTransport {
         }
         for (queue, saved) in transport.queues.iter_mut().zip(&state.queues) {
             if saved.max_size != queue.max_size() {
-                return Err(TransportError::InvalidQueueState(
-                    virtio_queue::Error::InvalidMaxSize,
-                ));
+                return Err(TransportError::InvalidQueueState(virtio_queue::Error::InvalidMaxSize));
             }
-            *queue = saved
-                .to_queue()
-                .map_err(TransportError::InvalidQueueState)?;
+            *queue = saved.to_queue().map_err(TransportError::InvalidQueueState)?;
         }
         transport.device_status = state.device_status;
         transport.device_features_select = state.device_features_select;
@@ -169,11 +160,7 @@ impl MmioTransport {
     /// The queue-notify EventFds, as (queue index, fd). Register each with
     /// KVM_IOEVENTFD at window base + 0x50 with datamatch = queue index (4 bytes).
     pub fn queue_notify_events(&self) -> Vec<(u32, &EventFd)> {
-        self.queue_events
-            .iter()
-            .enumerate()
-            .map(|(index, fd)| (index as u32, fd))
-            .collect()
+        self.queue_events.iter().enumerate().map(|(index, fd)| (index as u32, fd)).collect()
     }
 
     /// The irqfd currently used to interrupt the guest.
@@ -217,17 +204,9 @@ impl MmioTransport {
     /// child's VM); `interrupt` replaces the irqfd. The inherited copies are
     /// closed, which leaves the parent's fds untouched. The child must add this
     /// transport to a *new* `EventManager`; its `init()` registers the new fds.
-    pub fn rewire_after_fork(
-        &mut self,
-        interrupt: EventFd,
-        rewire: DeviceRewire,
-    ) -> Result<(), TransportError> {
+    pub fn rewire_after_fork(&mut self, interrupt: EventFd, rewire: DeviceRewire) -> Result<(), TransportError> {
         let config_before = self.config_snapshot();
-        let queue_events = self
-            .queue_events
-            .iter()
-            .map(|_| new_eventfd())
-            .collect::<Result<Vec<_>, _>>()?;
+        let queue_events = self.queue_events.iter().map(|_| new_eventfd()).collect::<Result<Vec<_>, _>>()?;
         let wake = new_eventfd()?;
         self.device.rewire_after_fork(rewire)?;
         self.queue_events = queue_events;
@@ -261,11 +240,7 @@ impl MmioTransport {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            tracing::warn!(
-                offset,
-                len = data.len(),
-                "invalid virtio-mmio register read"
-            );
+            tracing::warn!(offset, len = data.len(), "invalid virtio-mmio register read");
             data.fill(0);
             return;
         }
@@ -305,11 +280,7 @@ impl MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!(
-                offset,
-                len = data.len(),
-                "invalid virtio-mmio register write"
-            );
+            tracing::warn!(offset, len = data.len(), "invalid virtio-mmio register write");
             return;
         };
         if offset % 4 != 0 {
@@ -332,27 +303,13 @@ impl MmioTransport {
             INTERRUPT_ACK => self.interrupt.acknowledge(value),
             STATUS => self.write_status(value),
             QUEUE_DESC_LOW => self.configure_queue(|q| q.set_desc_table_address(Some(value), None)),
-            QUEUE_DESC_HIGH => {
-                self.configure_queue(|q| q.set_desc_table_address(None, Some(value)))
-            }
-            QUEUE_DRIVER_LOW => {
-                self.configure_queue(|q| q.set_avail_ring_address(Some(value), None))
-            }
-            QUEUE_DRIVER_HIGH => {
-                self.configure_queue(|q| q.set_avail_ring_address(None, Some(value)))
-            }
-            QUEUE_DEVICE_LOW => {
-                self.configure_queue(|q| q.set_used_ring_address(Some(value), None))
-            }
-            QUEUE_DEVICE_HIGH => {
-                self.configure_queue(|q| q.set_used_ring_address(None, Some(value)))
-            }
+            QUEUE_DESC_HIGH => self.configure_queue(|q| q.set_desc_table_address(None, Some(value))),
+            QUEUE_DRIVER_LOW => self.configure_queue(|q| q.set_avail_ring_address(Some(value), None)),
+            QUEUE_DRIVER_HIGH => self.configure_queue(|q| q.set_avail_ring_address(None, Some(value))),
+            QUEUE_DEVICE_LOW => self.configure_queue(|q| q.set_used_ring_address(Some(value), None)),
+            QUEUE_DEVICE_HIGH => self.configure_queue(|q| q.set_used_ring_address(None, Some(value))),
             SHM_SEL => {}
-            _ => tracing::debug!(
-                offset,
-                value,
-                "write to read-only or unknown virtio-mmio register"
-            ),
+            _ => tracing::debug!(offset, value, "write to read-only or unknown virtio-mmio register"),
         }
     }
 
@@ -366,13 +323,9 @@ impl MmioTransport {
 
     /// Queue layout may only change while the driver sets the device up.
     fn configure_queue(&mut self, f: impl FnOnce(&mut Queue)) {
-        let configuring = self.device_status & status::FEATURES_OK != 0
-            && self.device_status & status::DRIVER_OK == 0;
+        let configuring = self.device_status & status::FEATURES_OK != 0 && self.device_status & status::DRIVER_OK == 0;
         if !configuring {
-            tracing::warn!(
-                status = self.device_status,
-                "queue configured outside setup"
-            );
+            tracing::warn!(status = self.device_status, "queue configured outside setup");
             return;
         }
         match self.queues.get_mut(self.queue_select as usize) {
@@ -391,8 +344,7 @@ impl MmioTransport {
             queue.set_ready(false);
             return;
         }
-        let configuring = self.device_status & status::FEATURES_OK != 0
-            && self.device_status & status::DRIVER_OK == 0;
+        let configuring = self.device_status & status::FEATURES_OK != 0 && self.device_status & status::DRIVER_OK == 0;
         if configuring {
             queue.set_ready(true);
         }
@@ -411,21 +363,14 @@ impl MmioTransport {
     }
 
     fn write_driver_features(&mut self, value: u32) {
-        let negotiating = self.device_status & status::DRIVER != 0
-            && self.device_status & status::FEATURES_OK == 0;
+        let negotiating = self.device_status & status::DRIVER != 0 && self.device_status & status::FEATURES_OK == 0;
         if !negotiating {
-            tracing::warn!(
-                status = self.device_status,
-                "driver features written outside negotiation"
-            );
+            tracing::warn!(status = self.device_status, "driver features written outside negotiation");
             return;
         }
         match self.driver_features_select {
             0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
-            1 => {
-                self.driver_features =
-                    (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
-            }
+            1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
             _ => {}
         }
     }
@@ -444,16 +389,11 @@ impl MmioTransport {
         let newly_set = value & !old;
         if newly_set & status::FEATURES_OK != 0 {
             let offered = self.device_features();
-            let acceptable = self.driver_features & !offered == 0
-                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            let acceptable = self.driver_features & !offered == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
             if acceptable {
                 self.device.set_driver_features(self.driver_features);
             } else {
-                tracing::warn!(
-                    driver = self.driver_features,
-                    offered,
-                    "rejecting driver features"
-                );
+                tracing::warn!(driver = self.driver_features, offered, "rejecting driver features");
                 value &= !status::FEATURES_OK;
             }
         }
@@ -520,15 +460,7 @@ impl MmioTransport {
     }
 
     fn device_context(&mut self) -> (&mut dyn VirtioDevice, DeviceContext<'_>) {
-        (
-            self.device.as_mut(),
-            DeviceContext::new(
-                &self.mem,
-                &mut self.queues,
-                &mut self.interrupt,
-                self.activated,
-            ),
-        )
+        (self.device.as_mut(), DeviceContext::new(&self.mem, &mut self.queues, &mut self.interrupt, self.activated))
     }
 
     /// Raw fds of the transport's own event sources (for tests and diagnostics).

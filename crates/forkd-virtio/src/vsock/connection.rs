@@ -121,10 +121,7 @@ impl Connection {
 
     /// Host data may be read and sent to the guest now.
     pub fn wants_to_read(&self) -> bool {
-        self.state == ConnState::Established
-            && !self.host_eof
-            && !self.guest_recv_shut
-            && self.peer_credit() > 0
+        self.state == ConnState::Established && !self.host_eof && !self.guest_recv_shut && self.peer_credit() > 0
     }
 
     pub fn has_pending_to_host(&self) -> bool {
@@ -133,8 +130,7 @@ impl Connection {
 
     /// A CREDIT_UPDATE is due so the guest does not stall on stale credit.
     pub fn needs_credit_update(&self) -> bool {
-        !self.credit_update_queued
-            && (self.fwd_cnt - self.last_fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD
+        !self.credit_update_queued && (self.fwd_cnt - self.last_fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD
     }
 
     /// Epoll events wanted; `None` to leave epoll altogether (a hung-up socket

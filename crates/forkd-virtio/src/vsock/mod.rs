@@ -65,10 +65,7 @@ impl VsockDevice {
     pub fn new(guest_cid: u64, uds_path: impl Into<PathBuf>) -> Result<Self, DeviceError> {
         let uds_path = uds_path.into();
         let muxer =
-            Muxer::new(guest_cid, uds_path.clone()).map_err(|source| DeviceError::Bind {
-                path: uds_path,
-                source,
-            })?;
+            Muxer::new(guest_cid, uds_path.clone()).map_err(|source| DeviceError::Bind { path: uds_path, source })?;
         Ok(VsockDevice {
             guest_cid,
             driver_features: 0,
@@ -81,18 +78,12 @@ impl VsockDevice {
     }
 
     pub fn state(&self) -> VsockState {
-        VsockState {
-            guest_cid: self.guest_cid,
-            driver_features: self.driver_features,
-        }
+        VsockState { guest_cid: self.guest_cid, driver_features: self.driver_features }
     }
 
     /// Restores a device from `state`; the guest is told to drop its
     /// connections as soon as the device is active again.
-    pub fn from_state(
-        state: &VsockState,
-        uds_path: impl Into<PathBuf>,
-    ) -> Result<Self, DeviceError> {
+    pub fn from_state(state: &VsockState, uds_path: impl Into<PathBuf>) -> Result<Self, DeviceError> {
         let mut device = VsockDevice::new(state.guest_cid, uds_path)?;
         device.driver_features = state.driver_features;
         device.reset_event_pending = true;
@@ -214,11 +205,7 @@ impl VsockDevice {
 }
 
 /// Reads header and payload of a tx packet; `None` if it is malformed.
-fn read_tx_packet(
-    buffers: &ChainBuffers,
-    mem: &GuestMemoryMmap,
-    payload: &mut Vec<u8>,
-) -> Option<PacketHeader> {
+fn read_tx_packet(buffers: &ChainBuffers, mem: &GuestMemoryMmap, payload: &mut Vec<u8>) -> Option<PacketHeader> {
     let mut raw = [0u8; HEADER_SIZE];
     buffers.read_at(mem, 0, &mut raw).ok()?;
     let header = PacketHeader::from_bytes(&raw);
@@ -301,19 +288,13 @@ impl VirtioDevice for VsockDevice {
             DeviceRewire::Vsock { uds_path } => {
                 self.muxer
                     .rebind_after_fork(uds_path.clone())
-                    .map_err(|source| DeviceError::Bind {
-                        path: uds_path,
-                        source,
-                    })?;
+                    .map_err(|source| DeviceError::Bind { path: uds_path, source })?;
                 self.tx_blocked = false;
                 // The guest's connections now point at host sockets we do not own.
                 self.reset_event_pending = self.active;
                 Ok(())
             }
-            other => Err(DeviceError::RewireMismatch {
-                device: "vsock",
-                given: other.kind(),
-            }),
+            other => Err(DeviceError::RewireMismatch { device: "vsock", given: other.kind() }),
         }
     }
 

@@ -142,27 +142,15 @@ impl Muxer {
     pub fn interest_list(&self, out: &mut Vec<Interest>) {
         if let Some(listener) = &self.listener {
             if !self.listener_paused && self.connection_count() < MAX_CONNECTIONS {
-                out.push(Interest {
-                    fd: listener.as_raw_fd(),
-                    token: LISTENER_TOKEN,
-                    events: EventSet::IN,
-                });
+                out.push(Interest { fd: listener.as_raw_fd(), token: LISTENER_TOKEN, events: EventSet::IN });
             }
         }
         for (&token, client) in &self.pending_clients {
-            out.push(Interest {
-                fd: client.stream.as_raw_fd(),
-                token,
-                events: EventSet::IN,
-            });
+            out.push(Interest { fd: client.stream.as_raw_fd(), token, events: EventSet::IN });
         }
         for conn in self.connections.values() {
             if let Some(events) = conn.interest(self.rx_starved) {
-                out.push(Interest {
-                    fd: conn.stream.as_raw_fd(),
-                    token: conn.token,
-                    events,
-                });
+                out.push(Interest { fd: conn.stream.as_raw_fd(), token: conn.token, events });
             }
         }
     }
@@ -204,13 +192,7 @@ impl Muxer {
             }
             let token = self.alloc_token();
             self.tokens.insert(token, TokenOwner::Pending);
-            self.pending_clients.insert(
-                token,
-                PendingClient {
-                    stream,
-                    line: Vec::new(),
-                },
-            );
+            self.pending_clients.insert(token, PendingClient { stream, line: Vec::new() });
         }
     }
 
@@ -242,15 +224,9 @@ impl Muxer {
             self.listener_paused = false;
             return;
         };
-        let key = ConnKey {
-            local_port: self.alloc_local_port(peer_port),
-            peer_port,
-        };
+        let key = ConnKey { local_port: self.alloc_local_port(peer_port), peer_port };
         self.tokens.insert(token, TokenOwner::Connection(key));
-        self.connections.insert(
-            key,
-            Connection::new(client.stream, token, ConnState::Connecting),
-        );
+        self.connections.insert(key, Connection::new(client.stream, token, ConnState::Connecting));
         self.queue_control(key, OP_REQUEST, 0);
     }
 
@@ -315,17 +291,10 @@ impl Muxer {
     /// Handles one packet the guest sent on the tx queue.
     pub fn handle_guest_packet(&mut self, header: &PacketHeader, payload: &[u8]) {
         if header.src_cid != self.guest_cid || header.dst_cid != HOST_CID {
-            tracing::debug!(
-                src = header.src_cid,
-                dst = header.dst_cid,
-                "vsock packet with bad CIDs"
-            );
+            tracing::debug!(src = header.src_cid, dst = header.dst_cid, "vsock packet with bad CIDs");
             return;
         }
-        let key = ConnKey {
-            local_port: header.dst_port,
-            peer_port: header.src_port,
-        };
+        let key = ConnKey { local_port: header.dst_port, peer_port: header.src_port };
         if header.type_ != TYPE_STREAM {
             if header.op != OP_RST {
                 self.queue_control(key, OP_RST, 0);
@@ -468,12 +437,7 @@ impl Muxer {
         used
     }
 
-    fn write_control(
-        &mut self,
-        packet: ControlPacket,
-        buffers: &ChainBuffers,
-        mem: &GuestMemoryMmap,
-    ) -> u32 {
+    fn write_control(&mut self, packet: ControlPacket, buffers: &ChainBuffers, mem: &GuestMemoryMmap) -> u32 {
         let mut header = self.header_for(packet.key, packet.op);
         header.flags = packet.flags;
         if let Some(conn) = self.connections.get_mut(&packet.key) {
@@ -590,11 +554,7 @@ impl Muxer {
     fn alloc_token(&mut self) -> u32 {
         loop {
             let token = self.next_token;
-            self.next_token = if token >= MAX_DEVICE_TOKEN {
-                LISTENER_TOKEN + 1
-            } else {
-                token + 1
-            };
+            self.next_token = if token >= MAX_DEVICE_TOKEN { LISTENER_TOKEN + 1 } else { token + 1 };
             if !self.tokens.contains_key(&token) {
                 return token;
             }
@@ -605,10 +565,7 @@ impl Muxer {
         loop {
             let port = self.next_local_port;
             self.next_local_port = port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
-            let key = ConnKey {
-                local_port: port,
-                peer_port,
-            };
+            let key = ConnKey { local_port: port, peer_port };
             if !self.connections.contains_key(&key) {
                 return port;
             }

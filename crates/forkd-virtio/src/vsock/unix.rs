@@ -30,23 +30,14 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "bad socket path",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad socket path"));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
         *dst = src as libc::c_char;
     }
     // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -54,13 +45,7 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
     let addr_len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
     // SAFETY: `addr` is a valid sockaddr_un and `addr_len` does not exceed its size.
-    let rc = unsafe {
-        libc::connect(
-            fd,
-            (&addr as *const libc::sockaddr_un).cast(),
-            addr_len as libc::socklen_t,
-        )
-    };
+    let rc = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), addr_len as libc::socklen_t) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -75,12 +60,7 @@ pub fn send_nosignal(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
         // SAFETY: the pointer and length describe the readable slice `buf`, and
         // `stream` keeps the fd open for the duration of the call.
         let n = unsafe {
-            libc::send(
-                stream.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
+            libc::send(stream.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
         };
         if n >= 0 {
             return Ok(n as usize);

@@ -25,6 +25,16 @@ pub fn ping(vsock: &Path, timeout: Duration) -> Result<()> {
     client.ping().map(|_| ()).map_err(map_error)
 }
 
+/// Gives the guest fresh entropy and forces its CRNG to reseed (after BRANCH, so children
+/// never share random streams). Also proves the agent answers.
+pub fn reseed(vsock: &Path, timeout: Duration) -> Result<()> {
+    let client = AgentAddr::vsock(vsock, AGENT_PORT).connect(timeout).map_err(map_error)?;
+    client.get_ref().set_read_timeout(Some(timeout)).map_err(|e| Error::Unavailable(e.to_string()))?;
+    let mut entropy = [0u8; 64];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut entropy);
+    client.reseed(&entropy).map_err(map_error)
+}
+
 fn map_error(e: ClientError) -> Error {
     match e {
         ClientError::Agent { kind, message } => match kind {

@@ -11,7 +11,9 @@ pub mod process;
 use crate::config::{DiskConfig, VmConfig, VsockConfig};
 use crate::control::{self, ControlRequest};
 use crate::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
-use forkd_core::backend::{DirEntry, Liveness, MemoryUsage, RuntimeHandle, SandboxBackend};
+use forkd_core::backend::{
+    BranchOptions, BranchedChildren, DirEntry, Liveness, MemoryUsage, RuntimeHandle, SandboxBackend,
+};
 use forkd_core::{CancelToken, Error, ExecOutcome, ExecRequest, ExecSink, Result, SandboxId, SandboxSpec};
 use forkd_guest::dirs::Dirs;
 use serde::{Deserialize, Serialize};
@@ -224,6 +226,24 @@ impl KvmBackend {
     }
 }
 
+/// Waits for a fresh BRANCH child's agent and reseeds the guest's RNG.
+fn child_ready(rt: &VmmRuntime, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !rt.alive() {
+            let why = process::last_error(&rt.vmm_log).unwrap_or_else(|| "exited".into());
+            return Err(Error::Unavailable(format!("branch child {} failed: {why}", rt.dir.display())));
+        }
+        match agent::reseed(&rt.vsock_socket, Duration::from_secs(5)) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(Error::DeadlineExceeded(format!("branch child {} did not answer: {e}", rt.dir.display())))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
 impl SandboxBackend for KvmBackend {
     fn name(&self) -> &'static str {
         "kvm"
@@ -276,6 +296,69 @@ impl SandboxBackend for KvmBackend {
     fn list_dir(&self, runtime: &RuntimeHandle, path: &str) -> Result<Vec<DirEntry>> {
         let rt = VmmRuntime::from_handle(runtime)?;
         agent::list_dir(&rt.vsock_socket, path)
+    }
+
+    fn branch(
+        &self,
+        runtime: &RuntimeHandle,
+        children: &[SandboxId],
+        _opts: &BranchOptions,
+    ) -> Result<BranchedChildren> {
+        let source = VmmRuntime::from_handle(runtime)?;
+        if !source.alive() {
+            return Err(Error::FailedPrecondition("the source sandbox's VMM is not running".into()));
+        }
+        let dirs: Vec<PathBuf> = children.iter().map(|id| self.dirs.sandboxes().join(id.as_str())).collect();
+        for dir in &dirs {
+            std::fs::create_dir_all(dir.join("disk"))
+                .map_err(|e| Error::internal(format!("creating {}: {e}", dir.display())))?;
+        }
+        let cleanup = |dirs: &[PathBuf]| {
+            for d in dirs {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        };
+        let request = ControlRequest::Branch { children: dirs.clone() };
+        let report = match control::request(&source.control_socket, &request, Duration::from_secs(120)) {
+            Ok(resp) => resp.branch.ok_or_else(|| Error::internal("the VMM answered a branch without a report")),
+            Err(e) => Err(Error::Unavailable(format!("branching: {e}"))),
+        };
+        let report = report.inspect_err(|_| cleanup(&dirs))?;
+        let runtimes: Vec<VmmRuntime> = report
+            .children
+            .iter()
+            .map(|c| VmmRuntime {
+                dir: c.dir.clone(),
+                pid: c.pid,
+                start_time: c.start_time,
+                config: c.dir.join("vm.json"),
+                control_socket: c.dir.join("control.sock"),
+                vsock_socket: c.dir.join("vsock.sock"),
+                console_log: c.dir.join("console.log"),
+                vmm_log: c.dir.join("vmm.log"),
+            })
+            .collect();
+        // Bring every child to a ready, reseeded agent, in parallel.
+        let timeout = self.options.boot_timeout;
+        let results: Vec<Result<()>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = runtimes.iter().map(|rt| scope.spawn(move || child_ready(rt, timeout))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::internal("child readiness thread panicked"))))
+                .collect()
+        });
+        if let Some(err) = results.iter().find_map(|r| r.as_ref().err()) {
+            let err = err.clone();
+            for rt in &runtimes {
+                let _ = self.destroy(&rt.to_handle());
+            }
+            cleanup(&dirs);
+            return Err(err);
+        }
+        Ok(BranchedChildren {
+            children: runtimes.iter().map(VmmRuntime::to_handle).collect(),
+            pause: Duration::from_micros(report.pause_us),
+        })
     }
 
     fn destroy(&self, runtime: &RuntimeHandle) -> Result<()> {

@@ -109,11 +109,16 @@ pub struct VmState {
 /// MSRs never saved: reading them fails on some hosts (IA32_ARCH_CAPABILITIES aborts qemu
 /// here) and they are read-only feature MSRs anyway.
 const SKIPPED_MSRS: &[u32] = &[0x10a];
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// The MSRs this host lets us read back for a vCPU: KVM's index list minus any that fail.
 pub fn savable_msrs(system: &Kvm, probe: &VcpuFd) -> Result<Vec<u32>, StateError> {
     let list = system.get_msr_index_list().map_err(kvm("get MSR index list"))?;
     let mut indices: Vec<u32> = list.as_slice().iter().copied().filter(|i| !SKIPPED_MSRS.contains(i)).collect();
+    // The pending LAPIC timer lives here; without it a restored idle guest never wakes.
+    if !indices.contains(&MSR_IA32_TSC_DEADLINE) {
+        indices.push(MSR_IA32_TSC_DEADLINE);
+    }
     // KVM_GET_MSRS stops at the first MSR it cannot read; drop it and retry.
     loop {
         let entries: Vec<kvm_msr_entry> =
@@ -155,16 +160,16 @@ pub fn save_vcpu(fd: &VcpuFd, id: u8, cpuid: &CpuId, msr_indices: &[u32]) -> Res
     })
 }
 
-/// Restores a vCPU created on a fresh VM. Order matters: CPUID before anything that depends
-/// on features, MSRs (APIC base, TSC) before the LAPIC, events last.
+/// Restores a vCPU created on a fresh VM.
+///
+/// Order matters: CPUID first (everything else is checked against it); sregs before the LAPIC
+/// (they carry the APIC base, i.e. xAPIC/x2APIC mode); the LAPIC before the MSRs, because
+/// restoring the LAPIC resets its timer and `IA32_TSC_DEADLINE` only arms a timer once the
+/// LAPIC is in TSC-deadline mode (the other way round, an idle guest never wakes up again);
+/// MP state and pending events last.
 pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| StateError::MsrList(format!("cpuid: {e:?}")))?;
     fd.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))?;
-    let msrs = Msrs::from_entries(&state.msrs).map_err(|e| StateError::MsrList(format!("{e:?}")))?;
-    let written = fd.set_msrs(&msrs).map_err(kvm("set MSRs"))?;
-    if written != state.msrs.len() {
-        return Err(StateError::Msrs { written, total: state.msrs.len(), first: state.msrs[written].index });
-    }
     fd.set_sregs(&state.sregs).map_err(kvm("set sregs"))?;
     fd.set_regs(&state.regs).map_err(kvm("set regs"))?;
     match &state.xsave {
@@ -183,6 +188,11 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     }
     fd.set_debug_regs(&state.debug_regs).map_err(kvm("set debug registers"))?;
     fd.set_lapic(&state.lapic).map_err(kvm("set LAPIC"))?;
+    let msrs = Msrs::from_entries(&state.msrs).map_err(|e| StateError::MsrList(format!("{e:?}")))?;
+    let written = fd.set_msrs(&msrs).map_err(kvm("set MSRs"))?;
+    if written != state.msrs.len() {
+        return Err(StateError::Msrs { written, total: state.msrs.len(), first: state.msrs[written].index });
+    }
     fd.set_mp_state(state.mp_state).map_err(kvm("set MP state"))?;
     fd.set_vcpu_events(&state.events).map_err(kvm("set vCPU events"))?;
     Ok(())

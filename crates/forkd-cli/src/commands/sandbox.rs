@@ -1,0 +1,323 @@
+//! Sandbox lifecycle commands: create, exec, branch, ls, inspect, logs, cp, rm.
+
+use crate::progress::Bar;
+use anyhow::{bail, Context};
+use clap::Args;
+use forkd_core::{
+    size, BranchOptions, Controller, ExecRequest, OutputStream, SandboxId, SandboxInfo, SandboxSpec, SandboxState,
+};
+use forkd_guest::dirs::Dirs;
+use forkd_vmm::backend::{KvmBackend, KvmOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The controller over this host's state directory (shared with other `forkd` processes).
+pub fn open_controller(dirs: &Dirs, verbose: bool) -> anyhow::Result<Controller> {
+    let backend = KvmBackend::new(dirs.clone(), KvmOptions { console_echo: verbose, ..Default::default() })?;
+    Ok(Controller::open(Arc::new(backend), &dirs.state, "cli")?)
+}
+
+fn parse_id(text: &str) -> anyhow::Result<SandboxId> {
+    Ok(SandboxId::parse(text)?)
+}
+
+/// Options describing a new sandbox, shared by `create`, `run` and `template create`.
+#[derive(Args, Clone)]
+pub struct SpecArgs {
+    /// Root filesystem image (`forkd image ls`).
+    #[arg(long, default_value = "tiny")]
+    pub image: String,
+    /// Guest kernel (vmlinux) instead of the one `forkd kernel build` made.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Guest memory, e.g. 256M or 1G.
+    #[arg(long, default_value = "256M")]
+    pub memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+}
+
+impl SpecArgs {
+    pub fn spec(&self) -> anyhow::Result<SandboxSpec> {
+        let spec = SandboxSpec {
+            image: self.image.clone(),
+            kernel: self.kernel.clone(),
+            memory_mib: size::parse_mib("memory", &self.memory)?,
+            vcpus: self.vcpus,
+            ..Default::default()
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+/// Options of a command to run, shared by `exec` and `run`.
+#[derive(Args, Clone)]
+pub struct CommandArgs {
+    /// Kill the command after this many seconds (exit status 124).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Extra environment for the command (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(short = 'w', long = "workdir")]
+    pub workdir: Option<String>,
+    /// Forward this process's stdin to the command.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+impl CommandArgs {
+    pub fn request(&self) -> anyhow::Result<ExecRequest> {
+        let mut req = ExecRequest::new(self.command.clone());
+        req.env = self.env.clone();
+        req.cwd = self.workdir.clone();
+        if let Some(t) = self.timeout {
+            if !(t.is_finite() && t > 0.0) {
+                bail!("invalid --timeout {t}: give a positive number of seconds");
+            }
+            req.timeout = Some(Duration::from_secs_f64(t));
+        }
+        req.validate()?;
+        Ok(req)
+    }
+}
+
+/// Runs `args` in sandbox `id`, passing output through; returns the shell-style status.
+pub fn exec_passthrough(
+    controller: &Controller,
+    id: &SandboxId,
+    args: &CommandArgs,
+    cancel: &forkd_core::CancelToken,
+) -> anyhow::Result<i32> {
+    let req = args.request()?;
+    let stdin: Option<Box<dyn std::io::Read + Send>> =
+        if args.interactive { Some(Box::new(std::io::stdin())) } else { None };
+    let mut sink = |stream: OutputStream, data: &[u8]| {
+        // A closed stdout (e.g. `| head`) must not abort the command's teardown.
+        let _ = match stream {
+            OutputStream::Stdout => std::io::stdout().write_all(data).and_then(|_| std::io::stdout().flush()),
+            OutputStream::Stderr => std::io::stderr().write_all(data),
+        };
+    };
+    let outcome = controller.exec_with_cancel(id, &req, stdin, &mut sink, cancel)?;
+    Ok(outcome.status.shell_code())
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Fork the named template instead of booting (milliseconds instead of a boot).
+    #[arg(long, value_name = "TEMPLATE")]
+    pub from: Option<String>,
+    /// Print `{"id": ...}` instead of the bare id.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn create(dirs: &Dirs, args: CreateArgs, verbose: bool) -> anyhow::Result<ExitCode> {
+    let controller = open_controller(dirs, verbose)?;
+    let info = match &args.from {
+        Some(template) => controller.create_from_template(template)?,
+        None => {
+            let spec = args.spec.spec()?;
+            let spinner = Bar::spinner(&format!("booting a sandbox ({}, {} MiB)", spec.image, spec.memory_mib));
+            let created = controller.create(spec);
+            spinner.finish_and_clear();
+            created?
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::json!({ "id": info.id }));
+    } else {
+        println!("{}", info.id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// Sandbox id.
+    pub id: String,
+    #[command(flatten)]
+    pub command: CommandArgs,
+}
+
+pub fn exec(dirs: &Dirs, args: ExecArgs, verbose: bool) -> anyhow::Result<ExitCode> {
+    let cancel = forkd_core::CancelToken::new();
+    crate::signals::install(cancel.clone());
+    let controller = open_controller(dirs, verbose)?;
+    let code = exec_passthrough(&controller, &parse_id(&args.id)?, &args.command, &cancel)?;
+    if let Some(sig) = crate::signals::received() {
+        return Ok(ExitCode::from((128 + sig) as u8));
+    }
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+#[derive(Args)]
+pub struct BranchArgs {
+    /// Sandbox to fork (it keeps running).
+    pub id: String,
+    /// Number of children.
+    #[arg(short = 'n', long = "count", default_value_t = 1)]
+    pub count: u32,
+    /// Print `{"children": [{"id": ...}], "pause_ms": ...}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn branch(dirs: &Dirs, args: BranchArgs, verbose: bool) -> anyhow::Result<ExitCode> {
+    let controller = open_controller(dirs, verbose)?;
+    let result = controller.branch(&parse_id(&args.id)?, &BranchOptions { count: args.count })?;
+    let pause_ms = result.pause.as_secs_f64() * 1000.0;
+    if args.json {
+        let children: Vec<_> = result.children.iter().map(|c| serde_json::json!({ "id": c.id })).collect();
+        println!("{}", serde_json::json!({ "children": children, "pause_ms": pause_ms }));
+    } else {
+        for child in &result.children {
+            println!("{}", child.id);
+        }
+        eprintln!("branched {} into {} children; source paused {pause_ms:.2} ms", args.id, result.children.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn state_text(info: &SandboxInfo) -> String {
+    match &info.state {
+        SandboxState::Running => "running".into(),
+        SandboxState::Exited(why) => format!("exited ({why})"),
+    }
+}
+
+pub fn ls(dirs: &Dirs, json: bool, verbose: bool) -> anyhow::Result<ExitCode> {
+    let controller = open_controller(dirs, verbose)?;
+    let rows: Vec<(SandboxInfo, Option<forkd_core::MemoryUsage>)> =
+        controller.list().into_iter().map(|i| (i.clone(), controller.memory_usage(&i.id).ok())).collect();
+    if json {
+        let value: Vec<_> = rows
+            .iter()
+            .map(|(i, m)| {
+                serde_json::json!({
+                    "id": i.id, "state": i.state, "image": i.spec.image, "memory_mib": i.spec.memory_mib,
+                    "parent": i.parent, "template": i.template, "created_unix_ms": i.created_unix_ms,
+                    "memory": m,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<16} {:<10} {:<8} {:>7} {:>9} {:>9}  {}",
+        "ID", "STATE", "IMAGE", "MEMORY", "RSS", "PSS", "PARENT/TEMPLATE"
+    );
+    for (i, m) in rows {
+        let (rss, pss) = m
+            .map(|m| (format!("{}Mi", m.rss_kib / 1024), format!("{:.1}Mi", m.pss_kib as f64 / 1024.0)))
+            .unwrap_or(("-".into(), "-".into()));
+        let relation = match (&i.template, &i.parent) {
+            (Some(t), _) => format!("template {t}"),
+            (None, Some(p)) => p.to_string(),
+            _ => String::new(),
+        };
+        let state = state_text(&i);
+        println!(
+            "{:<16} {:<10} {:<8} {:>5}Mi {:>9} {:>9}  {}",
+            i.id, state, i.spec.image, i.spec.memory_mib, rss, pss, relation
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn inspect(dirs: &Dirs, id: &str, verbose: bool) -> anyhow::Result<ExitCode> {
+    let controller = open_controller(dirs, verbose)?;
+    let id = parse_id(id)?;
+    let info = controller.get(&id)?;
+    let memory = controller.memory_usage(&id).ok();
+    println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "sandbox": info, "memory": memory }))?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn logs(dirs: &Dirs, id: &str, tail: u64, verbose: bool) -> anyhow::Result<ExitCode> {
+    let controller = open_controller(dirs, verbose)?;
+    let bytes = controller.console(&parse_id(id)?, tail)?;
+    std::io::stdout().write_all(&bytes)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ID:/path` or a host path.
+enum Location {
+    Guest(SandboxId, String),
+    Host(PathBuf),
+}
+
+fn location(text: &str) -> anyhow::Result<Location> {
+    match text.split_once(':') {
+        Some((id, path)) if path.starts_with('/') && SandboxId::parse(id).is_ok() => {
+            Ok(Location::Guest(parse_id(id)?, path.to_string()))
+        }
+        _ => Ok(Location::Host(PathBuf::from(text))),
+    }
+}
+
+pub fn cp(dirs: &Dirs, src: &str, dst: &str, verbose: bool) -> anyhow::Result<ExitCode> {
+    let controller = open_controller(dirs, verbose)?;
+    match (location(src)?, location(dst)?) {
+        (Location::Host(from), Location::Guest(id, to)) => {
+            let mut file = std::fs::File::open(&from).with_context(|| format!("opening {}", from.display()))?;
+            use std::os::unix::fs::PermissionsExt;
+            let mode = file.metadata()?.permissions().mode() & 0o7777;
+            let n = controller.write_file(&id, &to, mode, &mut file)?;
+            eprintln!("copied {n} bytes to {id}:{to}");
+        }
+        (Location::Guest(id, from), Location::Host(to)) => {
+            let tmp = to.with_extension("forkd-partial");
+            let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let copied = controller.read_file(&id, &from, &mut file);
+            match copied {
+                Ok(n) => {
+                    std::fs::rename(&tmp, &to)?;
+                    eprintln!("copied {n} bytes from {id}:{from}");
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e.into());
+                }
+            }
+        }
+        _ => bail!("give one host path and one sandbox path (ID:/absolute/path)"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rm(dirs: &Dirs, ids: &[String], all: bool, verbose: bool) -> anyhow::Result<ExitCode> {
+    let controller = open_controller(dirs, verbose)?;
+    let targets: Vec<SandboxId> = if all {
+        controller.list().into_iter().map(|i| i.id).collect()
+    } else {
+        ids.iter().map(|s| parse_id(s)).collect::<Result<_, _>>()?
+    };
+    if targets.is_empty() && !all {
+        bail!("name at least one sandbox id (or --all)");
+    }
+    let mut failed = false;
+    for id in targets {
+        match controller.destroy(&id) {
+            Ok(()) => println!("{id}"),
+            Err(e) => {
+                eprintln!("forkd: error: removing {id}: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::from(crate::EXIT_FORKD_ERROR) } else { ExitCode::SUCCESS })
+}

@@ -1,0 +1,119 @@
+//! `forkd`: microVM sandboxes for AI agents, with live BRANCH.
+
+mod commands;
+mod doctor;
+mod progress;
+mod signals;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit status for forkd's own failures (the command's status is passed through otherwise).
+pub const EXIT_FORKD_ERROR: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "forkd",
+    version,
+    about = "MicroVM sandboxes for AI agents: boot, run code, and BRANCH a running sandbox into many.",
+    after_help = "Examples:\n  forkd run -- uname -a                     boot a sandbox, run a command, tear down\n  ID=$(forkd create)                        boot a sandbox and keep it\n  forkd exec $ID -- sh -c 'echo hi > /root/a'\n  forkd branch $ID -n 4                     fork it into 4 children (it keeps running)\n  forkd template create default             later `forkd run` forks this instead of booting\n  forkd run --memory 512M -- sh -c 'echo hi'\n  forkd kernel build                        build the guest kernel (once, ~4 min)\n  forkd image build tiny                    build the small busybox image\n  forkd doctor                              check this host\n\nExit status: the command's own status for `run`; 125 when forkd itself fails."
+)]
+struct Cli {
+    /// State directory (images, sandboxes).
+    #[arg(long, global = true, env = "FORKD_STATE_DIR", default_value = "/var/lib/forkd")]
+    state_dir: PathBuf,
+    /// Cache directory (kernel builds).
+    #[arg(long, global = true, env = "FORKD_CACHE_DIR", default_value = "/var/cache/forkd")]
+    cache_dir: PathBuf,
+    /// Show more detail (tool output during builds, debug logs).
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one command in a new sandbox (forked from a template or booted), stream its output,
+    /// tear down, exit with the command's status.
+    Run(commands::run::RunArgs),
+    /// Create a sandbox (boot, or fork a template with --from) and print its id.
+    Create(commands::sandbox::CreateArgs),
+    /// Run a command in a sandbox; output and exit status pass through.
+    Exec(commands::sandbox::ExecArgs),
+    /// Fork a running sandbox into N children that continue from its exact state.
+    Branch(commands::sandbox::BranchArgs),
+    /// List sandboxes with their memory use (PSS shows what BRANCH children share).
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show everything about one sandbox as JSON.
+    Inspect { id: String },
+    /// Print a sandbox's console log.
+    Logs {
+        id: String,
+        /// Show at most this many bytes from the end.
+        #[arg(long, default_value_t = 64 * 1024)]
+        tail: u64,
+    },
+    /// Copy a file between the host and a sandbox: `forkd cp ./a ID:/root/a` or the reverse.
+    Cp { src: String, dst: String },
+    /// Stop and remove sandboxes.
+    #[command(alias = "destroy")]
+    Rm {
+        ids: Vec<String>,
+        /// Remove every sandbox.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Manage templates: idle sandboxes that new sandboxes are forked from.
+    #[command(subcommand)]
+    Template(commands::template::TemplateCommand),
+    /// Build or locate the guest kernel.
+    #[command(subcommand)]
+    Kernel(commands::kernel::KernelCommand),
+    /// Build, import, list and remove root filesystem images.
+    #[command(subcommand)]
+    Image(commands::image::ImageCommand),
+    /// Check that this host can run sandboxes, and say what to fix.
+    Doctor {
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = if cli.verbose { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FORKD_LOG").unwrap_or_else(|_| filter.into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let dirs = forkd_guest::dirs::Dirs { state: cli.state_dir.clone(), cache: cli.cache_dir.clone() };
+    let result = match cli.command {
+        Command::Run(args) => commands::run::run(&dirs, args, cli.verbose),
+        Command::Create(args) => commands::sandbox::create(&dirs, args, cli.verbose),
+        Command::Exec(args) => commands::sandbox::exec(&dirs, args, cli.verbose),
+        Command::Branch(args) => commands::sandbox::branch(&dirs, args, cli.verbose),
+        Command::Ls { json } => commands::sandbox::ls(&dirs, json, cli.verbose),
+        Command::Inspect { id } => commands::sandbox::inspect(&dirs, &id, cli.verbose),
+        Command::Logs { id, tail } => commands::sandbox::logs(&dirs, &id, tail, cli.verbose),
+        Command::Cp { src, dst } => commands::sandbox::cp(&dirs, &src, &dst, cli.verbose),
+        Command::Rm { ids, all } => commands::sandbox::rm(&dirs, &ids, all, cli.verbose),
+        Command::Template(cmd) => commands::template::run(&dirs, cmd, cli.verbose),
+        Command::Kernel(cmd) => commands::kernel::run(&dirs, cmd, cli.verbose),
+        Command::Image(cmd) => commands::image::run(&dirs, cmd, cli.verbose),
+        Command::Doctor { json } => commands::doctor(&dirs, json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("forkd: error: {e:#}");
+            ExitCode::from(EXIT_FORKD_ERROR)
+        }
+    }
+}

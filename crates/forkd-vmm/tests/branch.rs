@@ -1,0 +1,183 @@
+//! BRANCH on real KVM microVMs: children continue from the source's exact memory, disk and
+//! process state, then diverge; repeated, wide, nested branches; lifecycle independence.
+
+mod common;
+
+use common::*;
+use forkd_core::{BranchOptions, SandboxId};
+use std::time::Duration;
+
+/// A source of its own (forked from the shared one) running a counter process in memory and
+/// holding a file on disk, so children have state to inherit.
+fn busy_source() -> SandboxId {
+    let id = fresh();
+    sh_ok(&id, "echo 'before the branch' > /root/note.txt; sync");
+    sh_ok(&id, "setsid sh -c 'n=0; while true; do n=$((n+1)); echo $n > /tmp/count; sleep 1; done' >/dev/null 2>&1 </dev/null &");
+    wait_for_count(&id, 2);
+    id
+}
+
+fn count(id: &SandboxId) -> u64 {
+    sh_ok(id, "cat /tmp/count").parse().unwrap_or(0)
+}
+
+fn wait_for_count(id: &SandboxId, at_least: u64) -> u64 {
+    for _ in 0..120 {
+        let n = count(id);
+        if n >= at_least {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("counter in {id} never reached {at_least}");
+}
+
+fn branch(id: &SandboxId, count: u32) -> forkd_core::BranchResult {
+    controller().branch(id, &BranchOptions { count }).unwrap_or_else(|e| panic!("branch {id} x{count}: {e}"))
+}
+
+#[test]
+fn children_inherit_memory_disk_and_processes_then_diverge() {
+    let source = busy_source();
+    let at_branch = count(&source);
+    let result = branch(&source, 2);
+    assert_eq!(result.children.len(), 2);
+    let kids: Vec<SandboxId> = result.children.iter().map(|c| c.id.clone()).collect();
+    for kid in &kids {
+        // Disk as it was at the fork, and the counting process still alive and counting.
+        assert_eq!(sh_ok(kid, "cat /root/note.txt"), "before the branch");
+        let first = count(kid);
+        assert!(first >= at_branch, "child counter {first} went back from {at_branch}");
+        wait_for_count(kid, first + 1);
+    }
+    // After the branch: writes anywhere are private (disk in /root, memory in /tmp tmpfs).
+    sh_ok(&source, "echo source > /root/note.txt; echo source > /tmp/mem");
+    sh_ok(&kids[0], "echo kid0 > /root/note.txt; echo kid0 > /tmp/mem");
+    assert_eq!(sh_ok(&kids[1], "cat /root/note.txt; cat /tmp/mem 2>/dev/null || echo none"), "before the branch\nnone");
+    assert_eq!(sh_ok(&kids[0], "cat /root/note.txt /tmp/mem"), "kid0\nkid0");
+    assert_eq!(sh_ok(&source, "cat /root/note.txt /tmp/mem"), "source\nsource");
+    for id in kids.iter().chain([&source]) {
+        controller().destroy(id).unwrap();
+    }
+}
+
+#[test]
+fn children_share_boot_id_but_not_random_streams() {
+    let source = fresh();
+    let kids: Vec<SandboxId> = branch(&source, 2).children.into_iter().map(|c| c.id).collect();
+    let boot = |id: &SandboxId| sh_ok(id, "cat /proc/sys/kernel/random/boot_id");
+    assert_eq!(boot(&kids[0]), boot(&source));
+    assert_eq!(boot(&kids[1]), boot(&source));
+    let random = |id: &SandboxId| sh_ok(id, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'");
+    let (a, b, s) = (random(&kids[0]), random(&kids[1]), random(&source));
+    assert_eq!(a.len(), 64);
+    assert!(a != b && a != s && b != s, "random streams repeat across forks: {a} {b} {s}");
+    for id in kids.iter().chain([&source]) {
+        controller().destroy(id).unwrap();
+    }
+}
+
+#[test]
+fn ten_consecutive_branches_stay_fast_and_correct() {
+    let source = fresh();
+    let mut pauses = Vec::new();
+    for round in 0..10 {
+        sh_ok(&source, &format!("echo {round} > /root/round"));
+        let result = branch(&source, 1);
+        pauses.push(result.pause);
+        let kid = &result.children[0].id;
+        assert_eq!(sh_ok(kid, "cat /root/round"), round.to_string());
+        controller().destroy(kid).unwrap();
+    }
+    eprintln!("pauses over 10 consecutive branches: {pauses:?}");
+    // Not a timing assertion (see bench/): just that every branch reported a pause.
+    assert!(pauses.iter().all(|p| !p.is_zero()));
+    controller().destroy(&source).unwrap();
+}
+
+#[test]
+fn sixteen_way_fan_out() {
+    let source = fresh();
+    sh_ok(&source, "echo fanout > /root/tag");
+    let result = branch(&source, 16);
+    assert_eq!(result.children.len(), 16);
+    let answers: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = result.children.iter().map(|c| s.spawn(|| sh_ok(&c.id, "cat /root/tag"))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(answers.iter().all(|a| a == "fanout"), "{answers:?}");
+    for c in &result.children {
+        controller().destroy(&c.id).unwrap();
+    }
+    controller().destroy(&source).unwrap();
+}
+
+#[test]
+fn branch_of_a_branch_and_parent_destruction() {
+    let source = fresh();
+    sh_ok(&source, "echo gen0 > /root/gen");
+    let child = branch(&source, 1).children.remove(0).id;
+    sh_ok(&child, "echo gen1 > /root/gen");
+    let grandchild = branch(&child, 1).children.remove(0).id;
+    assert_eq!(sh_ok(&grandchild, "cat /root/gen"), "gen1");
+    // Destroying the parents leaves descendants running, disks intact.
+    controller().destroy(&source).unwrap();
+    controller().destroy(&child).unwrap();
+    assert_eq!(sh_ok(&grandchild, "cat /root/gen; echo gen2 > /root/gen; cat /root/gen"), "gen1\ngen2");
+    controller().destroy(&grandchild).unwrap();
+}
+
+#[test]
+fn killing_a_child_mid_branch_leaves_the_source_healthy() {
+    let source = fresh();
+    let dirs = env().dirs.clone();
+    // Kill every new VMM process that appears under the sandboxes dir while the branch runs.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        let killer = s.spawn(|| {
+            let before: Vec<String> = std::fs::read_dir(dirs.sandboxes())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into())
+                .collect();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for entry in std::fs::read_dir(dirs.sandboxes()).unwrap().flatten() {
+                    let name = entry.file_name().to_string_lossy().to_string();
+                    if !before.contains(&name) {
+                        if let Ok(text) = std::fs::read_to_string(entry.path().join("vm.json")) {
+                            let _ = text; // the child wrote its config: it exists; kill it
+                            kill_vmms_in(&entry.path());
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let result = controller().branch(&source, &BranchOptions { count: 1 });
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        killer.join().unwrap();
+        result
+    });
+    if let Ok(r) = &result {
+        for c in &r.children {
+            let _ = controller().destroy(&c.id);
+        }
+    }
+    // Whatever happened to the child, the source runs and branches again.
+    assert_eq!(sh_ok(&source, "echo alive"), "alive");
+    let again = branch(&source, 1);
+    assert_eq!(sh_ok(&again.children[0].id, "echo ok"), "ok");
+    controller().destroy(&again.children[0].id).unwrap();
+    controller().destroy(&source).unwrap();
+}
+
+fn kill_vmms_in(dir: &std::path::Path) {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        if fds.flatten().any(|fd| std::fs::read_link(fd.path()).map(|p| p.starts_with(dir)).unwrap_or(false)) {
+            // SAFETY: kill(2) on a VMM process of a test sandbox.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Prepares what the integration tests need first (host packages,
+# release build, static agent, guest kernel, tiny image), then `cargo test` over the workspace.
+# Integration tests boot real KVM microVMs: they need root and /dev/kvm and fail loudly without.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh --no-demo
+
+export FORKD_TEST_IMAGES="${FORKD_STATE_DIR:-/var/lib/forkd}/images"
+export FORKD_VMM="$PWD/target/release/forkd-vmm"
+export FORKD_BIN="$PWD/target/release/forkd"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace --release -- --test-threads=4
