@@ -139,6 +139,8 @@ fn become_child(machine: Machine, config: &VmConfig, frozen: &FrozenState, dir: 
     // SAFETY: setsid has no memory-safety preconditions.
     unsafe { libc::setsid() };
     redirect_stderr(&paths.vmm_log);
+    set_cmdline(&["forkd-vmm", "--config", &paths.config.to_string_lossy()]);
+    crate::runtime::name_process(&paths.dir);
     let result = (|| -> Result<(Machine, VmConfig), VmmError> {
         let mut child_config = config.clone();
         child_config.control_socket = paths.control_socket.clone();
@@ -165,6 +167,35 @@ fn become_child(machine: Machine, config: &VmConfig, frozen: &FrozenState, dir: 
             // SAFETY: ending this child process without touching shared resources.
             unsafe { libc::_exit(1) }
         }
+    }
+}
+
+/// Points this process's command line (as `ps` and /proc/<pid>/cmdline show it) at `args`,
+/// so a forked child names its own config instead of its source's. Best effort: needs
+/// CAP_SYS_RESOURCE, which the VMM has as root.
+fn set_cmdline(args: &[&str]) {
+    let mut buf = Vec::new();
+    for a in args {
+        buf.extend_from_slice(a.as_bytes());
+        buf.push(0);
+    }
+    // The kernel reads the arguments from this memory from now on: it must live forever.
+    let buf: &'static mut [u8] = buf.leak();
+    let start = buf.as_ptr() as libc::c_ulong;
+    let end = start + buf.len() as libc::c_ulong;
+    let set = |what: libc::c_int, value: libc::c_ulong| {
+        // prctl is variadic: pass every argument at full register width, the kernel rejects
+        // nonzero garbage in the unused ones.
+        let (zero, what) = (0 as libc::c_ulong, what as libc::c_ulong);
+        // SAFETY: PR_SET_MM with an address inside our own (leaked, permanent) allocation.
+        unsafe { libc::prctl(libc::PR_SET_MM, what, value, zero, zero) == 0 }
+    };
+    // The kernel insists start < end after each call, so the order depends on where the new
+    // buffer lies relative to the old one.
+    let ok = (set(libc::PR_SET_MM_ARG_END, end) && set(libc::PR_SET_MM_ARG_START, start))
+        || (set(libc::PR_SET_MM_ARG_START, start) && set(libc::PR_SET_MM_ARG_END, end));
+    if !ok {
+        tracing::debug!("could not rename the child's command line: {}", std::io::Error::last_os_error());
     }
 }
 

@@ -92,10 +92,23 @@ fn bind_control(config: &VmConfig) -> Result<UnixListener, VmmError> {
     Ok(listener)
 }
 
+/// Names the calling thread (the VMM's main thread, which `ps` shows) after the sandbox
+/// directory, e.g. `sb-22cd42715815`, so operators can tell VMM processes apart.
+pub fn name_process(sandbox_dir: &std::path::Path) {
+    let name = sandbox_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut bytes: Vec<u8> = name.bytes().filter(|b| *b != 0).take(15).collect();
+    bytes.push(0);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from `bytes`.
+    unsafe { libc::prctl(libc::PR_SET_NAME, bytes.as_ptr() as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+}
+
 /// Boots `config` and serves it (and, in BRANCH children, their own VMs) until it ends.
 pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     // Sockets exist before the guest boots, so launchers can connect as soon as it is up.
     let listener = bind_control(config)?;
+    if let Some(dir) = config.control_socket.parent() {
+        name_process(dir);
+    }
     let started = Instant::now();
     let machine = Machine::boot(config)?;
     tracing::info!("booted in {:?}", started.elapsed());

@@ -130,40 +130,47 @@ fn branch_of_a_branch_and_parent_destruction() {
 #[test]
 fn killing_a_child_mid_branch_leaves_the_source_healthy() {
     let source = fresh();
-    let dirs = env().dirs.clone();
-    // Kill every new VMM process that appears under the sandboxes dir while the branch runs.
+    let source_pid = vmm_pid(&source);
+    let sandbox_dirs = || std::fs::read_dir(env().dirs.sandboxes()).unwrap().count();
+    // The branch's processes: the zygote (a child of the source VMM) and the children it forks.
     let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut killed = 0;
     let result = std::thread::scope(|s| {
         let killer = s.spawn(|| {
-            let before: Vec<String> = std::fs::read_dir(dirs.sandboxes())
-                .unwrap()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into())
-                .collect();
+            let mut zygotes = vec![source_pid];
+            let mut killed = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                for entry in std::fs::read_dir(dirs.sandboxes()).unwrap().flatten() {
-                    let name = entry.file_name().to_string_lossy().to_string();
-                    if !before.contains(&name) {
-                        if let Ok(text) = std::fs::read_to_string(entry.path().join("vm.json")) {
-                            let _ = text; // the child wrote its config: it exists; kill it
-                            kill_vmms_in(&entry.path());
+                for (pid, ppid) in processes() {
+                    if zygotes.contains(&ppid) && !zygotes.contains(&pid) {
+                        if ppid == source_pid && !zygotes.contains(&pid) {
+                            zygotes.push(pid); // let the zygote fork, then kill what it forks
+                            continue;
                         }
+                        // SAFETY: kill(2) on a process this test's branch just forked.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        killed += 1;
                     }
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(Duration::from_micros(200));
             }
+            killed
         });
-        let result = controller().branch(&source, &BranchOptions { count: 1 });
+        let result = controller().branch(&source, &BranchOptions { count: 2 });
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        killer.join().unwrap();
+        killed = killer.join().unwrap();
         result
     });
-    if let Ok(r) = &result {
-        for c in &r.children {
-            let _ = controller().destroy(&c.id);
+    eprintln!("killed {killed} processes mid-branch; branch result: {:?}", result.as_ref().map(|r| r.children.len()));
+    match &result {
+        Ok(r) => {
+            for c in &r.children {
+                let _ = controller().destroy(&c.id);
+            }
         }
+        Err(e) => eprintln!("branch failed as expected: {e}"),
     }
-    // Whatever happened to the child, the source runs and branches again.
+    let _ = sandbox_dirs;
+    // Whatever happened to the children, the source runs and branches again.
     assert_eq!(sh_ok(&source, "echo alive"), "alive");
     let again = branch(&source, 1);
     assert_eq!(sh_ok(&again.children[0].id, "echo ok"), "ok");
@@ -171,13 +178,28 @@ fn killing_a_child_mid_branch_leaves_the_source_healthy() {
     controller().destroy(&source).unwrap();
 }
 
-fn kill_vmms_in(dir: &std::path::Path) {
+/// (pid, parent pid) of every live process.
+fn processes() -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
-        if fds.flatten().any(|fd| std::fs::read_link(fd.path()).map(|p| p.starts_with(dir)).unwrap_or(false)) {
-            // SAFETY: kill(2) on a VMM process of a test sandbox.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(") ") else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.first() == Some(&"Z") {
+            continue;
+        }
+        if let Some(ppid) = fields.get(1).and_then(|p| p.parse().ok()) {
+            out.push((pid, ppid));
         }
     }
+    out
+}
+
+/// The VMM pid recorded for `id` in state.json.
+fn vmm_pid(id: &SandboxId) -> u32 {
+    let text = std::fs::read_to_string(env().dirs.state.join("state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let record = state["sandboxes"].as_array().unwrap().iter().find(|r| r["info"]["id"] == id.as_str()).expect("record");
+    record["runtime"]["pid"].as_u64().unwrap() as u32
 }

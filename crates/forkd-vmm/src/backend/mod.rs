@@ -231,7 +231,10 @@ fn child_ready(rt: &VmmRuntime, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if !rt.alive() {
-            let why = process::last_error(&rt.vmm_log).unwrap_or_else(|| "exited".into());
+            let why = process::last_error(&rt.vmm_log).unwrap_or_else(|| {
+                let tail = String::from_utf8_lossy(&process::tail(&rt.vmm_log, 1500)).to_string();
+                format!("its VMM exited; log tail:\n{tail}")
+            });
             return Err(Error::Unavailable(format!("branch child {} failed: {why}", rt.dir.display())));
         }
         match agent::reseed(&rt.vsock_socket, Duration::from_secs(5)) {
