@@ -21,6 +21,16 @@ pub enum ControlRequest {
     Shutdown,
     /// Fork the running VM into one child per directory (which must exist).
     Branch { children: Vec<std::path::PathBuf> },
+    /// Pause, write all guest RAM to `path`, resume: the classic file-snapshot method, kept as
+    /// the baseline BRANCH is measured against.
+    DumpMemory { path: std::path::PathBuf },
+}
+
+/// What `dump_memory` reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DumpReport {
+    pub pause_us: u64,
+    pub bytes: u64,
 }
 
 /// One child of a BRANCH.
@@ -49,14 +59,16 @@ pub struct ControlResponse {
     pub status: Option<VmStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<BranchReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dump: Option<DumpReport>,
 }
 
 impl ControlResponse {
     pub fn ok() -> Self {
-        Self { ok: true, error: None, status: None, branch: None }
+        Self { ok: true, error: None, status: None, branch: None, dump: None }
     }
     pub fn error(msg: impl Into<String>) -> Self {
-        Self { ok: false, error: Some(msg.into()), status: None, branch: None }
+        Self { ok: false, error: Some(msg.into()), status: None, branch: None, dump: None }
     }
 }
 

@@ -95,9 +95,9 @@ fn serial_irq(vm: &VmFd) -> Result<IrqLine, VmmError> {
     Ok(irq)
 }
 
-/// The user's command line, then what the CPU profile needs, then the virtio devices.
-fn compose_cmdline(base: &str, profile: CpuProfile, virtio: &[(DeviceKind, VirtioSlot)]) -> String {
-    let mut parts: Vec<String> = vec![base.trim().to_string(), profile.kernel_params().to_string()];
+/// The configured command line, then the virtio devices.
+fn compose_cmdline(base: &str, virtio: &[(DeviceKind, VirtioSlot)]) -> String {
+    let mut parts: Vec<String> = vec![base.trim().to_string()];
     parts.extend(virtio.iter().map(|(_, slot)| slot.cmdline_entry()));
     parts.retain(|p| !p.is_empty());
     parts.join(" ")
@@ -145,7 +145,7 @@ impl Machine {
             virtio.push((kind, slot));
         }
 
-        let cmdline = compose_cmdline(&config.cmdline, profile, &virtio);
+        let cmdline = compose_cmdline(&config.cmdline, &virtio);
         let kernel = boot::load_kernel(&memory, &config.kernel)?;
         boot::write_cmdline(&memory, &cmdline)?;
         boot::write_boot_params(&memory, cmdline.len() + 1)?;

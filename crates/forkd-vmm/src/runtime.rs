@@ -99,7 +99,15 @@ pub fn name_process(sandbox_dir: &std::path::Path) {
     let mut bytes: Vec<u8> = name.bytes().filter(|b| *b != 0).take(15).collect();
     bytes.push(0);
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from `bytes`.
-    unsafe { libc::prctl(libc::PR_SET_NAME, bytes.as_ptr() as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_NAME,
+            bytes.as_ptr() as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
 }
 
 /// Boots `config` and serves it (and, in BRANCH children, their own VMs) until it ends.
@@ -172,6 +180,10 @@ fn serve(mut machine: Machine, mut config: VmConfig, listener: UnixListener) -> 
                     finish(machine, &config);
                     return Ok(Served::Done(Outcome::Stopped("shutdown requested".into())));
                 }
+                ControlRequest::DumpMemory { path } => match dump_memory(&machine, &path) {
+                    Ok(dump) => ControlResponse { dump: Some(dump), ..ControlResponse::ok() },
+                    Err(e) => ControlResponse::error(format!("dumping memory to {}: {e}", path.display())),
+                },
                 ControlRequest::Branch { children } => {
                     if let Some(bad) = children.iter().find(|d| !d.is_dir()) {
                         control::write_response(
@@ -203,6 +215,29 @@ fn serve(mut machine: Machine, mut config: VmConfig, listener: UnixListener) -> 
             control::write_response(&stream, &resp);
         }
     }
+}
+
+/// The file-snapshot baseline: the guest stays paused while all of its RAM is written out.
+fn dump_memory(machine: &Machine, path: &std::path::Path) -> std::io::Result<control::DumpReport> {
+    use std::io::Write;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let started = Instant::now();
+    machine.vcpus.park();
+    let result = (|| -> std::io::Result<u64> {
+        let mut file = std::fs::File::create(path)?;
+        let mut bytes = 0u64;
+        for region in machine.memory.iter() {
+            // SAFETY: the region maps `len()` bytes for the VM's lifetime; vCPUs are parked
+            // and devices run on this thread, so nothing writes it during the copy.
+            let slice = unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) };
+            file.write_all(slice)?;
+            bytes += slice.len() as u64;
+        }
+        file.sync_all()?;
+        Ok(bytes)
+    })();
+    machine.vcpus.resume();
+    Ok(control::DumpReport { pause_us: started.elapsed().as_micros() as u64, bytes: result? })
 }
 
 /// After a BRANCH the source writes to a new top layer; keep its config (and vm.json, which

@@ -198,6 +198,7 @@ fn processes() -> Vec<(u32, u32)> {
 fn vmm_pid(id: &SandboxId) -> u32 {
     let text = std::fs::read_to_string(env().dirs.state.join("state.json")).unwrap();
     let state: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let record = state["sandboxes"].as_array().unwrap().iter().find(|r| r["info"]["id"] == id.as_str()).expect("record");
+    let record =
+        state["sandboxes"].as_array().unwrap().iter().find(|r| r["info"]["id"] == id.as_str()).expect("record");
     record["runtime"]["pid"].as_u64().unwrap() as u32
 }

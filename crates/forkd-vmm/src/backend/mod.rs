@@ -22,8 +22,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const TEMP_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=k 8250.nr_uarts=1 quiet noxsave percpu_alloc=page clearcpuid=popcnt,smap,fsgsbase,rdrand,rdseed,invpcid,erms,fsrm,cx16";
-
 /// The guest port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 /// Environment variable naming the `forkd-vmm` binary.
@@ -121,12 +119,10 @@ impl KvmBackend {
             let map = path.with_file_name("System.map");
             return Ok((path.clone(), map.is_file().then_some(map)));
         }
-        // TEMPORARY until forkd_guest::kernel lands: FORKD_KERNEL names the vmlinux.
-        let vmlinux = std::env::var_os("FORKD_KERNEL")
-            .map(PathBuf::from)
-            .ok_or_else(|| Error::FailedPrecondition("set FORKD_KERNEL".into()))?;
-        let map = vmlinux.with_file_name("System.map");
-        Ok((vmlinux, map.is_file().then_some(map)))
+        let built =
+            forkd_guest::kernel::find_built(&self.dirs).map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        let map = built.system_map.is_file().then_some(built.system_map.clone());
+        Ok((built.vmlinux, map))
     }
 
     fn image(&self, spec: &SandboxSpec) -> Result<PathBuf> {
@@ -149,7 +145,7 @@ impl KvmBackend {
     ) -> VmConfig {
         VmConfig {
             kernel,
-            cmdline: format!("{} root=/dev/vda rw init=/sbin/forkd-agent", TEMP_CMDLINE),
+            cmdline: format!("{} root=/dev/vda rw init=/sbin/forkd-agent", forkd_guest::kernel::cmdline_for_host()),
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
             cpu_profile: None,

@@ -1,6 +1,11 @@
 //! The CPUID the guest sees: what KVM supports, with per-vCPU topology filled in and, on hosts
 //! whose KVM emulates guest kernel code (PVM), every feature hidden that makes the guest kernel
 //! run an instruction the host's emulator cannot execute (see docs/host-compat.md).
+//!
+//! On the PVM hosts measured so far, leaves 1, 7 and 0xd reach the guest kernel from the host
+//! whatever KVM_SET_CPUID2 says, so the same features are also cleared on the kernel command
+//! line (`forkd_guest::kernel::cmdline_for_host`); the table here is what a VT-x/AMD-V host
+//! would honour.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use std::path::Path;
@@ -22,19 +27,6 @@ impl CpuProfile {
             CpuProfile::Compat
         } else {
             CpuProfile::Host
-        }
-    }
-}
-
-impl CpuProfile {
-    /// Kernel parameters the profile needs. On PVM hosts the guest kernel still sees SMAP
-    /// whatever KVM_SET_CPUID2 says (measured: alternatives patch in CLAC), so it is also
-    /// cleared by number (X86_FEATURE_SMAP = 9*32+20); and user-mode `syscall` does not reach
-    /// the guest kernel, so the kernel's #UD system-call path is switched on.
-    pub fn kernel_params(self) -> &'static str {
-        match self {
-            CpuProfile::Host => "",
-            CpuProfile::Compat => "clearcpuid=308 forkd.ud_syscall=1",
         }
     }
 }

@@ -1,0 +1,351 @@
+//! forkd benchmarks on real KVM microVMs. Results are printed as tables and written to
+//! `bench/results/<name>-<unix time>.{json,md}` (and an SVG plot for `branch`).
+//!
+//!   forkd-bench boot   [--runs 5] [--execs 20]
+//!   forkd-bench branch [--memory 256M,1G,4G] [--counts 1,4,16,100] [--rounds 10]
+
+mod stats;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use forkd_core::{BranchOptions, CapturedOutput, Controller, ExecRequest, SandboxId, SandboxSpec};
+use forkd_guest::dirs::Dirs;
+use forkd_vmm::backend::{KvmBackend, KvmOptions};
+use serde_json::json;
+use stats::{ms, summarize, table};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Parser)]
+#[command(about = "forkd benchmarks (real KVM microVMs; run as root after scripts/setup.sh)")]
+struct Cli {
+    /// Where results go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Cold boot to agent-ready, and exec round-trip latency.
+    Boot {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value_t = 20)]
+        execs: usize,
+        #[arg(long, default_value = "256M")]
+        memory: String,
+    },
+    /// BRANCH: source pause vs guest memory (guest dirtying memory) and vs fan-out N, child
+    /// readiness, PSS per idle child, and the file-snapshot baseline.
+    Branch {
+        #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G")]
+        memory: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16,100")]
+        counts: Vec<u32>,
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+    },
+}
+
+/// A controller over a throwaway state directory that uses the host's prepared images.
+struct Bench {
+    controller: Controller,
+    state: tempfile::TempDir,
+}
+
+impl Bench {
+    fn new() -> Result<Self> {
+        let host = Dirs::from_env();
+        let state = tempfile::Builder::new().prefix("forkd-bench-").tempdir()?;
+        std::os::unix::fs::symlink(host.images(), state.path().join("images"))?;
+        let dirs = Dirs { state: state.path().to_path_buf(), cache: host.cache };
+        let backend = KvmBackend::new(dirs, KvmOptions::default())?;
+        Ok(Self { controller: Controller::new(Arc::new(backend)), state })
+    }
+
+    fn exec(&self, id: &SandboxId, argv: &[&str]) -> Result<Duration> {
+        let started = Instant::now();
+        let outcome =
+            self.controller.exec(id, &ExecRequest::new(argv.iter().copied()), None, &mut CapturedOutput::default())?;
+        anyhow::ensure!(outcome.status.shell_code() == 0, "{argv:?} failed: {:?}", outcome.status);
+        Ok(started.elapsed())
+    }
+
+    /// The VMM control socket of a sandbox (benchmarks talk to the VMM directly for the
+    /// file-snapshot baseline).
+    fn control_socket(&self, id: &SandboxId) -> PathBuf {
+        self.state.path().join("sandboxes").join(id.as_str()).join("control.sock")
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let _ = self.controller.destroy_all();
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn host_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let kvm =
+        if Path::new("/sys/module/kvm_pvm").exists() { "kvm_pvm (guest kernel emulated)" } else { "hardware KVM" };
+    format!("{} CPUs, {cpu}, {kvm}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+fn write_results(out: &Path, name: &str, json: &serde_json::Value, markdown: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(out)?;
+    let stem = out.join(format!("{name}-{}", now_unix()));
+    std::fs::write(stem.with_extension("json"), serde_json::to_vec_pretty(json)?)?;
+    std::fs::write(stem.with_extension("md"), markdown)?;
+    Ok(stem)
+}
+
+fn bench_boot(out: &Path, runs: usize, execs: usize, memory: &str) -> Result<()> {
+    let bench = Bench::new()?;
+    let spec = SandboxSpec { memory_mib: forkd_core::size::parse_mib("memory", memory)?, ..Default::default() };
+    let mut boots = Vec::new();
+    for i in 0..runs {
+        let started = Instant::now();
+        let sb = bench.controller.create(spec.clone()).context("boot")?;
+        boots.push(started.elapsed());
+        eprintln!("boot {}/{runs}: {:?}", i + 1, boots.last().unwrap_or(&Duration::ZERO));
+        if i + 1 < runs {
+            bench.controller.destroy(&sb.id)?;
+        }
+    }
+    let id = bench.controller.list().first().map(|s| s.id.clone()).context("no sandbox")?;
+    let mut trues = Vec::new();
+    let mut shells = Vec::new();
+    for _ in 0..execs {
+        trues.push(bench.exec(&id, &["/bin/true"])?);
+        shells.push(bench.exec(&id, &["sh", "-c", "echo hi | cat > /dev/null"])?);
+    }
+    let (boot, t, sh) = (summarize(&boots), summarize(&trues), summarize(&shells));
+    let rows = vec![
+        vec![
+            format!("cold boot to agent-ready ({memory})"),
+            boot.n.to_string(),
+            ms(boot.p50_ms),
+            ms(boot.p90_ms),
+            ms(boot.min_ms),
+        ],
+        vec!["exec `/bin/true` round trip".into(), t.n.to_string(), ms(t.p50_ms), ms(t.p90_ms), ms(t.min_ms)],
+        vec!["exec `sh -c 'echo hi | cat'`".into(), sh.n.to_string(), ms(sh.p50_ms), ms(sh.p90_ms), ms(sh.min_ms)],
+    ];
+    let md = format!(
+        "## boot and exec\n\nhost: {}\n\n{}",
+        host_description(),
+        table(&["what", "n", "p50 ms", "p90 ms", "min ms"], &rows)
+    );
+    println!("{md}");
+    let json = json!({"host": host_description(), "memory": memory, "boot": boot, "exec_true": t, "exec_pipeline": sh});
+    let stem = write_results(out, "boot", &json, &md)?;
+    eprintln!("results: {}.{{json,md}}", stem.display());
+    Ok(())
+}
+
+/// Starts a user-space loop that keeps rewriting about a quarter of guest memory.
+fn start_dirtier(bench: &Bench, id: &SandboxId, memory_mib: u64) -> Result<()> {
+    let elements = memory_mib * 1024 * 2; // awk array cells; roughly 128 bytes each
+    let script = format!(
+        "setsid awk 'BEGIN {{ n = {elements}; while (1) for (i = 0; i < n; i++) a[i] = i }}' >/dev/null 2>&1 </dev/null &"
+    );
+    bench.exec(id, &["sh", "-c", &script])?;
+    std::thread::sleep(Duration::from_secs(5));
+    Ok(())
+}
+
+fn dump_pause(bench: &Bench, id: &SandboxId, path: &Path) -> Result<Duration> {
+    use forkd_vmm::control::{request, ControlRequest};
+    let resp = request(
+        &bench.control_socket(id),
+        &ControlRequest::DumpMemory { path: path.to_path_buf() },
+        Duration::from_secs(600),
+    )?;
+    let _ = std::fs::remove_file(path);
+    let dump = resp.dump.context("no dump report")?;
+    Ok(Duration::from_micros(dump.pause_us))
+}
+
+struct MemoryRow {
+    memory: String,
+    pauses: stats::Summary,
+    ready: stats::Summary,
+    first_exec: stats::Summary,
+    dump_tmpfs: Duration,
+    dump_disk: Duration,
+}
+
+fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) -> Result<()> {
+    let bench = Bench::new()?;
+    let mut memory_rows = Vec::new();
+    let mut raw_pauses = serde_json::Map::new();
+    for memory in memories {
+        let mib = forkd_core::size::parse_mib("memory", memory)?;
+        eprintln!("booting a {memory} source...");
+        let source = bench.controller.create(SandboxSpec { memory_mib: mib, ..Default::default() })?;
+        start_dirtier(&bench, &source.id, mib)?;
+        let (mut pauses, mut ready, mut first_exec) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let started = Instant::now();
+            let result = bench.controller.branch(&source.id, &BranchOptions { count: 1 })?;
+            ready.push(started.elapsed());
+            pauses.push(result.pause);
+            let child = &result.children[0].id;
+            first_exec.push(bench.exec(child, &["/bin/true"])?);
+            bench.controller.destroy(child)?;
+            eprintln!("{memory} round {}: pause {:?}", round + 1, result.pause);
+        }
+        raw_pauses.insert(memory.clone(), json!(pauses.iter().map(|p| p.as_secs_f64() * 1000.0).collect::<Vec<_>>()));
+        let dump_tmpfs = dump_pause(&bench, &source.id, Path::new("/dev/shm/forkd-bench-memory"))?;
+        let dump_disk = dump_pause(&bench, &source.id, &bench.state.path().join("forkd-bench-memory"))?;
+        memory_rows.push(MemoryRow {
+            memory: memory.clone(),
+            pauses: summarize(&pauses),
+            ready: summarize(&ready),
+            first_exec: summarize(&first_exec),
+            dump_tmpfs,
+            dump_disk,
+        });
+        bench.controller.destroy(&source.id)?;
+    }
+
+    // Fan-out on a small source.
+    eprintln!("booting a 256M source for fan-out...");
+    let source = bench.controller.create(SandboxSpec::default())?;
+    let mut fanout_rows = Vec::new();
+    let mut fanout_json = Vec::new();
+    for &n in counts {
+        let started = Instant::now();
+        let result = bench.controller.branch(&source.id, &BranchOptions { count: n })?;
+        let all_ready = started.elapsed();
+        let first = bench.exec(&result.children[0].id, &["/bin/true"])?;
+        std::thread::sleep(Duration::from_secs(1));
+        let pss: Vec<u64> = result
+            .children
+            .iter()
+            .filter_map(|c| bench.controller.memory_usage(&c.id).ok())
+            .map(|m| m.pss_kib)
+            .collect();
+        let pss_avg = pss.iter().sum::<u64>() as f64 / pss.len().max(1) as f64 / 1024.0;
+        eprintln!("N={n}: pause {:?}, all ready in {all_ready:?}, PSS/child {pss_avg:.2} MiB", result.pause);
+        fanout_rows.push(vec![
+            n.to_string(),
+            ms(result.pause.as_secs_f64() * 1000.0),
+            ms(all_ready.as_secs_f64() * 1000.0),
+            ms(first.as_secs_f64() * 1000.0),
+            format!("{pss_avg:.2}"),
+        ]);
+        fanout_json.push(json!({"n": n, "pause_ms": result.pause.as_secs_f64() * 1000.0, "all_ready_ms": all_ready.as_secs_f64() * 1000.0,
+            "first_exec_ms": first.as_secs_f64() * 1000.0, "pss_per_child_mib": pss_avg}));
+        for c in &result.children {
+            bench.controller.destroy(&c.id)?;
+        }
+    }
+
+    let mem_table = table(
+        &[
+            "guest memory",
+            "BRANCH pause p50 ms",
+            "p90 ms",
+            "child ready p50 ms",
+            "first exec p50 ms",
+            "file snapshot pause (tmpfs) ms",
+            "file snapshot pause (disk) ms",
+        ],
+        &memory_rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.memory.clone(),
+                    ms(r.pauses.p50_ms),
+                    ms(r.pauses.p90_ms),
+                    ms(r.ready.p50_ms),
+                    ms(r.first_exec.p50_ms),
+                    ms(r.dump_tmpfs.as_secs_f64() * 1000.0),
+                    ms(r.dump_disk.as_secs_f64() * 1000.0),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+    let fan_table = table(
+        &[
+            "children N",
+            "source pause ms",
+            "all children agent-ready ms",
+            "first exec in child ms",
+            "PSS per idle child MiB",
+        ],
+        &fanout_rows,
+    );
+    let md = format!(
+        "## BRANCH\n\nhost: {}\n\n{rounds} consecutive branches per size, guest dirtying memory:\n\n{mem_table}\nfan-out from one 256 MiB source:\n\n{fan_table}",
+        host_description()
+    );
+    println!("{md}");
+    let json = json!({
+        "host": host_description(),
+        "by_memory": memory_rows.iter().map(|r| json!({"memory": r.memory, "pause": r.pauses, "child_ready": r.ready, "first_exec": r.first_exec,
+            "file_snapshot_tmpfs_ms": r.dump_tmpfs.as_secs_f64() * 1000.0, "file_snapshot_disk_ms": r.dump_disk.as_secs_f64() * 1000.0})).collect::<Vec<_>>(),
+        "pauses_ms": raw_pauses,
+        "fanout": fanout_json,
+    });
+    let stem = write_results(out, "branch", &json, &md)?;
+    plot(&stem.with_extension("svg"), &memory_rows)?;
+    eprintln!("results: {}.{{json,md,svg}}", stem.display());
+    Ok(())
+}
+
+/// Pause vs guest memory: BRANCH against the file-snapshot method (log scale).
+fn plot(path: &Path, rows: &[MemoryRow]) -> Result<()> {
+    use plotters::prelude::*;
+    let gib = |m: &str| forkd_core::size::parse_mib("memory", m).map(|v| v as f64 / 1024.0).unwrap_or(0.0);
+    let max_x = rows.iter().map(|r| gib(&r.memory)).fold(0.5, f64::max) * 1.1;
+    let max_y = rows.iter().map(|r| r.dump_disk.as_secs_f64() * 1000.0).fold(10.0, f64::max) * 2.0;
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Source pause vs guest memory", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..max_x, (0.1f64..max_y).log_scale())?;
+    chart.configure_mesh().x_desc("guest memory (GiB)").y_desc("pause (ms, log)").draw()?;
+    let series =
+        |f: &dyn Fn(&MemoryRow) -> f64| rows.iter().map(|r| (gib(&r.memory), f(r).max(0.1))).collect::<Vec<_>>();
+    for (name, color, points) in [
+        ("BRANCH (p50)", BLUE, series(&|r| r.pauses.p50_ms)),
+        ("file snapshot, tmpfs", RED, series(&|r| r.dump_tmpfs.as_secs_f64() * 1000.0)),
+        ("file snapshot, disk", MAGENTA, series(&|r| r.dump_disk.as_secs_f64() * 1000.0)),
+    ] {
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Boot { runs, execs, memory } => bench_boot(&cli.out, runs, execs, &memory),
+        Cmd::Branch { memory, counts, rounds } => bench_branch(&cli.out, &memory, &counts, rounds),
+    }
+}

@@ -1,0 +1,69 @@
+//! `Reseed`: feed host entropy into the guest kernel RNG and force a CRNG reseed, so
+//! sandboxes forked from one snapshot stop sharing random streams.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+
+use forkd_agent::proto::{response, Empty, ErrorKind};
+
+use super::{Conn, Ctx};
+
+/// `_IOW('R', 0x03, int[2])`
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `_IO('R', 0x07)`
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+pub const MIN_ENTROPY: usize = 32;
+pub const MAX_ENTROPY: usize = 4096;
+
+pub fn reseed(conn: &mut Conn, entropy: &[u8], ctx: &Ctx) -> io::Result<()> {
+    if !(MIN_ENTROPY..=MAX_ENTROPY).contains(&entropy.len()) {
+        return conn.send_error(
+            ErrorKind::InvalidArgument,
+            format!(
+                "reseed needs {MIN_ENTROPY}..={MAX_ENTROPY} bytes of entropy, got {}; send 64 bytes from the host's getrandom",
+                entropy.len()
+            ),
+        );
+    }
+    match add_and_reseed(entropy) {
+        Ok(()) => {
+            ctx.reseeds.fetch_add(1, Ordering::Relaxed);
+            conn.send_body(response::Body::ReseedDone(Empty {}))
+        }
+        Err((step, e)) => {
+            let kind = match e.raw_os_error() {
+                Some(libc::EPERM | libc::EACCES) => ErrorKind::Permission,
+                Some(libc::ENOENT) => ErrorKind::NotFound,
+                _ => ErrorKind::Io,
+            };
+            conn.send_error(kind, format!("{step} failed: {e} (the agent needs CAP_SYS_ADMIN and /dev/urandom)"))
+        }
+    }
+}
+
+fn add_and_reseed(entropy: &[u8]) -> Result<(), (&'static str, io::Error)> {
+    let f = OpenOptions::new().write(true).open("/dev/urandom").map_err(|e| ("opening /dev/urandom", e))?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, built in a
+    // u32 buffer so the ints are aligned.
+    let words = entropy.len().div_ceil(4);
+    let mut info = vec![0u32; 2 + words];
+    info[0] = (entropy.len() * 8) as u32; // entropy credited, in bits
+    info[1] = entropy.len() as u32;
+    for (i, chunk) in entropy.chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        info[2 + i] = u32::from_ne_bytes(w);
+    }
+    // SAFETY: `info` is a valid rand_pool_info with buf_size bytes of payload after the header.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) } != 0 {
+        return Err(("RNDADDENTROPY", io::Error::last_os_error()));
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
+        return Err(("RNDRESEEDCRNG", io::Error::last_os_error()));
+    }
+    Ok(())
+}
