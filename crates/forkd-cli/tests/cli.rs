@@ -1,0 +1,157 @@
+//! The `forkd` command on real KVM microVMs: exit codes, output streams, JSON shapes, errors.
+//!
+//! One `default` template is booted per run (in a temporary state directory); `forkd run`
+//! forks it automatically, so each case costs a BRANCH, not a boot.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+struct Env {
+    state: tempfile::TempDir,
+}
+
+static ENV: OnceLock<Env> = OnceLock::new();
+
+fn images_dir() -> PathBuf {
+    std::env::var_os("FORKD_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib/forkd/images"))
+}
+
+fn forkd(state: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(args)
+        .env("FORKD_STATE_DIR", state)
+        .env_remove("FORKD_LOG")
+        .output()
+        .expect("run forkd")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+extern "C" fn cleanup() {
+    if let Some(env) = ENV.get() {
+        let _ = forkd(env.state.path(), &["rm", "--all"]);
+    }
+}
+
+/// A state directory with the prepared images and a booted `default` template.
+fn env() -> &'static Env {
+    ENV.get_or_init(|| {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "CLI tests boot KVM microVMs and must run as root");
+        assert!(
+            images_dir().join("tiny").is_dir(),
+            "no tiny image in {}; run scripts/setup.sh --no-demo",
+            images_dir().display()
+        );
+        let state = tempfile::Builder::new().prefix("forkd-cli-test-").tempdir().unwrap();
+        std::os::unix::fs::symlink(images_dir(), state.path().join("images")).unwrap();
+        let out = forkd(state.path(), &["template", "create", "default"]);
+        assert!(out.status.success(), "template create failed: {}", text(&out.stderr));
+        // SAFETY: registering a plain extern "C" function with atexit.
+        unsafe { libc::atexit(cleanup) };
+        Env { state }
+    })
+}
+
+fn run(args: &[&str]) -> Output {
+    forkd(env().state.path(), args)
+}
+
+#[test]
+fn run_passes_stdout_stderr_and_exit_status_through() {
+    let out = run(&["run", "--", "sh", "-c", "echo hello; echo oops >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello\n");
+    assert!(text(&out.stderr).contains("oops\n"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn run_of_a_missing_binary_is_a_clear_error() {
+    let out = run(&["run", "--", "/no/such/binary"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(err.contains("/no/such/binary") && err.contains("forkd: error"), "{err}");
+}
+
+#[test]
+fn run_leaves_no_sandbox_behind() {
+    let before = run(&["ls", "--json"]);
+    let count = |o: &Output| serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap().as_array().unwrap().len();
+    let n = count(&before);
+    let out = run(&["run", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Other tests may run concurrently; this run's sandbox must not be among them.
+    let after = run(&["ls", "--json"]);
+    assert!(count(&after) <= n + 2);
+}
+
+#[test]
+fn create_exec_branch_ls_rm_with_json() {
+    let out = run(&["create", "--from", "default", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"].as_str().unwrap().to_string();
+    let out = run(&["exec", &id, "--", "sh", "-c", "echo state > /root/s; exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    let out = run(&["branch", &id, "-n", "2", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let branch: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let children: Vec<String> =
+        branch["children"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(children.len(), 2);
+    assert!(branch["pause_ms"].as_f64().unwrap() > 0.0);
+    for child in &children {
+        let out = run(&["exec", child, "--", "cat", "/root/s"]);
+        assert_eq!(text(&out.stdout), "state\n");
+    }
+    let ls: serde_json::Value = serde_json::from_slice(&run(&["ls", "--json"]).stdout).unwrap();
+    let listed: Vec<&str> = ls.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    for id in children.iter().chain([&id]) {
+        assert!(listed.contains(&id.as_str()), "{id} not listed");
+    }
+    let mut rm = vec!["rm", id.as_str()];
+    rm.extend(children.iter().map(String::as_str));
+    assert!(run(&rm).status.success());
+    let out = run(&["exec", &id, "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("not found"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn bad_input_fails_clearly_without_booting() {
+    let state = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(images_dir(), state.path().join("images")).unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "--kernel", "/no/such/vmlinux", "--", "true"], "kernel"),
+        (&["run", "--memory", "16M", "--", "true"], "memory"),
+        (&["run", "--memory", "lots", "--", "true"], "memory"),
+        (&["run", "--image", "no-such-image", "--", "true"], "no-such-image"),
+        (&["run", "--vcpus", "0", "--", "true"], "vcpus"),
+        (&["exec", "NOT/AN/ID", "--", "true"], "id"),
+        (&["branch", "sb-000000000000", "-n", "0"], "count"),
+    ];
+    for (args, needle) in cases {
+        let out = forkd(state.path(), args);
+        let err = text(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{args:?} succeeded");
+        assert!(err.contains(needle), "{args:?}: stderr does not mention {needle}: {err}");
+    }
+}
+
+#[test]
+fn a_corrupt_image_is_named_in_the_error() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("images").join("broken");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(images_dir().join("tiny/manifest.json")).unwrap()).unwrap();
+    manifest["name"] = "broken".into();
+    manifest["size_bytes"] = (1u64 << 20).into();
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    std::fs::write(dir.join("rootfs.ext4"), vec![0u8; 1 << 20]).unwrap();
+    let out = forkd(state.path(), &["run", "--image", "broken", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("rootfs.ext4"), "{}", text(&out.stderr));
+}
