@@ -69,7 +69,7 @@ pub fn run(dirs: &Dirs, cmd: ImageCommand, verbose: bool) -> anyhow::Result<Exit
                 let manifests: Vec<_> = images.iter().map(|i| &i.manifest).collect();
                 println!("{}", serde_json::to_string_pretty(&manifests)?);
             } else {
-                println!("{:<20} {:<10} {:>10}  {}", "NAME", "KIND", "SIZE", "SHA256");
+                println!("{:<20} {:<10} {:>10}  SHA256", "NAME", "KIND", "SIZE");
                 for i in &images {
                     let m = &i.manifest;
                     println!(

@@ -217,8 +217,8 @@ pub fn ls(dirs: &Dirs, json: bool, verbose: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<16} {:<10} {:<8} {:>7} {:>9} {:>9}  {}",
-        "ID", "STATE", "IMAGE", "MEMORY", "RSS", "PSS", "PARENT/TEMPLATE"
+        "{:<16} {:<10} {:<8} {:>7} {:>9} {:>9}  PARENT/TEMPLATE",
+        "ID", "STATE", "IMAGE", "MEMORY", "RSS", "PSS"
     );
     for (i, m) in rows {
         let (rss, pss) = m

@@ -42,7 +42,7 @@ pub fn run(dirs: &Dirs, cmd: TemplateCommand, verbose: bool) -> anyhow::Result<E
             if json {
                 println!("{}", serde_json::to_string_pretty(&templates)?);
             } else {
-                println!("{:<20} {:<16} {:<8} {:>7}", "NAME", "SANDBOX", "IMAGE", "MEMORY");
+                println!("NAME                 SANDBOX          IMAGE     MEMORY");
                 for t in templates {
                     println!(
                         "{:<20} {:<16} {:<8} {:>5}Mi",
