@@ -216,10 +216,7 @@ pub fn ls(dirs: &Dirs, json: bool, verbose: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "{:<16} {:<10} {:<8} {:>7} {:>9} {:>9}  PARENT/TEMPLATE",
-        "ID", "STATE", "IMAGE", "MEMORY", "RSS", "PSS"
-    );
+    println!("{:<16} {:<10} {:<8} {:>7} {:>9} {:>9}  PARENT/TEMPLATE", "ID", "STATE", "IMAGE", "MEMORY", "RSS", "PSS");
     for (i, m) in rows {
         let (rss, pss) = m
             .map(|m| (format!("{}Mi", m.rss_kib / 1024), format!("{:.1}Mi", m.pss_kib as f64 / 1024.0)))
