@@ -178,8 +178,8 @@ impl Machine {
             serial,
             virtio,
             disk,
-            vcpus: VcpuSet::new(Vec::new(), Arc::new(RunControl::new().map_err(io_err("run control"))?)),
-            control: Arc::new(RunControl::new().map_err(io_err("run control eventfd"))?),
+            vcpus: VcpuSet::new(Vec::new(), Arc::new(RunControl::new(0).map_err(io_err("run control"))?)),
+            control: Arc::new(RunControl::new(config.vcpus as usize).map_err(io_err("run control eventfd"))?),
             profile,
             cmdline,
             vcpu_count: config.vcpus,
@@ -281,7 +281,7 @@ impl Machine {
         }
         state::restore_vm(&vm, &frozen.vm).map_err(|e| VmmError::State(e.to_string()))?;
         let restored = frozen.vcpus.iter().map(|s| Vcpu::restore(&vm, s)).collect::<Result<Vec<_>, _>>()?;
-        let control = Arc::new(RunControl::new().map_err(io_err("run control eventfd"))?);
+        let control = Arc::new(RunControl::new(frozen.vcpus.len()).map_err(io_err("run control eventfd"))?);
         let mut machine = Machine {
             kvm,
             vm,

@@ -49,11 +49,14 @@ enum Desired {
 
 struct ControlState {
     desired: Desired,
-    /// Bumped on every request so parked vCPUs can tell a new request from a spurious wakeup.
+    /// Bumped on every request, so a request can be told apart from the previous one even
+    /// when a vCPU has not yet woken from it (back-to-back BRANCHes).
     generation: u64,
-    parked: usize,
-    exited: usize,
-    /// When set, each vCPU captures its state into `saved` before parking (BRANCH).
+    /// Per vCPU: the generation of the last park request it acknowledged.
+    acked: Vec<u64>,
+    /// Per vCPU: its thread has ended.
+    exited: Vec<bool>,
+    /// When set, each vCPU captures its state into `saved` before acknowledging a park.
     save_requested: bool,
     saved: Vec<Option<Result<VcpuState, String>>>,
 }
@@ -68,13 +71,13 @@ pub struct RunControl {
 }
 
 impl RunControl {
-    pub fn new() -> std::io::Result<Self> {
+    pub fn new(vcpus: usize) -> std::io::Result<Self> {
         Ok(Self {
             state: Mutex::new(ControlState {
                 desired: Desired::Run,
                 generation: 0,
-                parked: 0,
-                exited: 0,
+                acked: vec![0; vcpus],
+                exited: vec![false; vcpus],
                 save_requested: false,
                 saved: Vec::new(),
             }),
@@ -233,19 +236,35 @@ impl Vcpu {
         ctx: &'a VcpuContext,
         mut st: std::sync::MutexGuard<'a, ControlState>,
     ) -> std::sync::MutexGuard<'a, ControlState> {
-        if st.save_requested {
-            let saved = state::save_vcpu(&self.fd, self.id, &self.cpuid, &ctx.msr_indices).map_err(|e| e.to_string());
-            if let Some(slot) = st.saved.get_mut(self.id as usize) {
-                *slot = Some(saved);
-            }
-        }
-        st.parked += 1;
-        ctx.control.changed.notify_all();
+        let id = self.id as usize;
         while st.desired == Desired::Park {
+            // Acknowledge each park request once, even if a new one arrived before this
+            // thread woke from the last.
+            if st.acked.get(id) != Some(&st.generation) {
+                if st.save_requested {
+                    let saved =
+                        state::save_vcpu(&self.fd, self.id, &self.cpuid, &ctx.msr_indices).map_err(|e| e.to_string());
+                    if let Some(slot) = st.saved.get_mut(id) {
+                        *slot = Some(saved);
+                    }
+                }
+                let generation = st.generation;
+                if let Some(a) = st.acked.get_mut(id) {
+                    *a = generation;
+                }
+                ctx.control.changed.notify_all();
+            }
             st = ctx.control.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        st.parked -= 1;
         st
+    }
+
+    fn mark_exited(&self, ctx: &VcpuContext) {
+        let mut st = ctx.control.lock();
+        if let Some(e) = st.exited.get_mut(self.id as usize) {
+            *e = true;
+        }
+        ctx.control.changed.notify_all();
     }
 
     fn run_loop(mut self, ctx: VcpuContext) {
@@ -262,17 +281,15 @@ impl Vcpu {
                         seen_generation = st.generation;
                     }
                     if st.desired == Desired::Exit {
-                        st.exited += 1;
-                        ctx.control.changed.notify_all();
+                        drop(st);
+                        self.mark_exited(&ctx);
                         break;
                     }
                 }
             }
             if let Some(exit) = self.run_once(&ctx) {
                 ctx.control.report_exit(exit);
-                let mut st = ctx.control.lock();
-                st.exited += 1;
-                ctx.control.changed.notify_all();
+                self.mark_exited(&ctx);
                 break;
             }
         }
@@ -402,15 +419,18 @@ impl VcpuSet {
         Self { handles, control }
     }
 
-    fn request(&self, desired: Desired) {
+    /// Publishes a new desired state and kicks every vCPU; returns the request's generation.
+    fn request(&self, desired: Desired) -> u64 {
         let mut st = self.control.lock();
         st.desired = desired;
         st.generation += 1;
+        let generation = st.generation;
         self.control.changed.notify_all();
         drop(st);
         for h in &self.handles {
             h.kick();
         }
+        generation
     }
 
     /// Parks every vCPU and has each capture its state; returns the states by vCPU id.
@@ -436,13 +456,13 @@ impl VcpuSet {
         self.handles.iter().map(|h| h.kvm_fds).collect()
     }
 
-    /// Parks every vCPU outside `KVM_RUN` and outside the device buses; returns when all are
-    /// parked (or have exited).
+    /// Parks every vCPU outside `KVM_RUN` and outside the device buses; returns when every
+    /// vCPU has acknowledged this request (or has exited).
     pub fn park(&self) {
-        self.request(Desired::Park);
-        let n = self.handles.len();
+        let generation = self.request(Desired::Park);
         let mut st = self.control.lock();
-        while st.parked + st.exited < n {
+        let done = |st: &ControlState| st.acked.iter().zip(&st.exited).all(|(a, e)| *a == generation || *e);
+        while !done(&st) {
             // Re-kick periodically: a vCPU may have been between its check and KVM_RUN.
             let (guard, timeout) = self
                 .control
