@@ -3,7 +3,9 @@
 //!
 //!   forkd-bench boot   [--runs 5] [--execs 20]
 //!   forkd-bench branch [--memory 256M,1G,4G] [--counts 1,4,16,100] [--rounds 10]
+//!   forkd-bench load   [--clients 50] [--sandboxes 10] [--seconds 30]
 
+mod load;
 mod stats;
 
 use anyhow::{Context, Result};
@@ -47,6 +49,16 @@ enum Cmd {
         counts: Vec<u32>,
         #[arg(long, default_value_t = 10)]
         rounds: usize,
+    },
+    /// The daemon under load: concurrent gRPC clients doing exec on BRANCHed sandboxes over a
+    /// loopback Unix socket; exec latency percentiles and failures.
+    Load {
+        #[arg(long, default_value_t = 50)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        sandboxes: usize,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
     },
 }
 
@@ -229,9 +241,12 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
     let mut fanout_rows = Vec::new();
     let mut fanout_json = Vec::new();
     for &n in counts {
+        let sandboxes = bench.state.path().join("sandboxes");
+        let watcher = VmmReadyWatcher::start(&sandboxes, n as usize);
         let started = Instant::now();
         let result = bench.controller.branch(&source.id, &BranchOptions { count: n })?;
         let all_ready = started.elapsed();
+        let vmm_ready = watcher.finish(started);
         let first = bench.exec(&result.children[0].id, &["/bin/true"])?;
         std::thread::sleep(Duration::from_secs(1));
         let pss: Vec<u64> = result
@@ -241,16 +256,30 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
             .map(|m| m.pss_kib)
             .collect();
         let pss_avg = pss.iter().sum::<u64>() as f64 / pss.len().max(1) as f64 / 1024.0;
-        eprintln!("N={n}: pause {:?}, all ready in {all_ready:?}, PSS/child {pss_avg:.2} MiB", result.pause);
+        let private: Vec<u64> = result
+            .children
+            .iter()
+            .filter_map(|c| bench.controller.memory_usage(&c.id).ok())
+            .map(|m| m.private_dirty_kib)
+            .collect();
+        let private_avg = private.iter().sum::<u64>() as f64 / private.len().max(1) as f64 / 1024.0;
+        let vmm_ready_ms = vmm_ready.map(|d| d.as_secs_f64() * 1000.0);
+        eprintln!(
+            "N={n}: pause {:?}, VMMs running in {vmm_ready:?}, agents ready in {all_ready:?}, PSS/child {pss_avg:.2} MiB, private {private_avg:.2} MiB",
+            result.pause
+        );
         fanout_rows.push(vec![
             n.to_string(),
             ms(result.pause.as_secs_f64() * 1000.0),
+            vmm_ready_ms.map(ms).unwrap_or_else(|| "-".into()),
             ms(all_ready.as_secs_f64() * 1000.0),
             ms(first.as_secs_f64() * 1000.0),
             format!("{pss_avg:.2}"),
+            format!("{private_avg:.2}"),
         ]);
-        fanout_json.push(json!({"n": n, "pause_ms": result.pause.as_secs_f64() * 1000.0, "all_ready_ms": all_ready.as_secs_f64() * 1000.0,
-            "first_exec_ms": first.as_secs_f64() * 1000.0, "pss_per_child_mib": pss_avg}));
+        fanout_json.push(json!({"n": n, "pause_ms": result.pause.as_secs_f64() * 1000.0, "vmm_ready_ms": vmm_ready_ms,
+            "all_ready_ms": all_ready.as_secs_f64() * 1000.0, "first_exec_ms": first.as_secs_f64() * 1000.0,
+            "pss_per_child_mib": pss_avg, "private_dirty_per_child_mib": private_avg}));
         for c in &result.children {
             bench.controller.destroy(&c.id)?;
         }
@@ -285,9 +314,11 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
         &[
             "children N",
             "source pause ms",
+            "all child VMMs running ms",
             "all children agent-ready ms",
             "first exec in child ms",
             "PSS per idle child MiB",
+            "private dirty per idle child MiB",
         ],
         &fanout_rows,
     );
@@ -307,6 +338,56 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
     plot(&stem.with_extension("svg"), &memory_rows)?;
     eprintln!("results: {}.{{json,md,svg}}", stem.display());
     Ok(())
+}
+
+/// Times when every child VMM of a BRANCH in flight answers on its control socket: the host-side
+/// part of a branch (fork, new KVM VM over the inherited memory, state restored, vCPUs running),
+/// before any guest work. The controller's own answer waits for every child's agent as well.
+struct VmmReadyWatcher {
+    done: Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Option<Instant>>,
+}
+
+impl VmmReadyWatcher {
+    fn start(sandboxes: &Path, count: usize) -> Self {
+        let before: std::collections::HashSet<PathBuf> = list_dirs(sandboxes).into_iter().collect();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sandboxes, stop) = (sandboxes.to_path_buf(), done.clone());
+        let handle = std::thread::spawn(move || {
+            let mut ready = std::collections::HashSet::new();
+            loop {
+                let stopping = stop.load(std::sync::atomic::Ordering::Relaxed);
+                let pending: Vec<PathBuf> =
+                    list_dirs(&sandboxes).into_iter().filter(|d| !before.contains(d) && !ready.contains(d)).collect();
+                for dir in pending {
+                    let status = forkd_vmm::control::ControlRequest::Status;
+                    let socket = dir.join("control.sock");
+                    if socket.exists() && forkd_vmm::control::request(&socket, &status, Duration::from_secs(1)).is_ok()
+                    {
+                        ready.insert(dir);
+                    }
+                }
+                if ready.len() >= count {
+                    return Some(Instant::now());
+                }
+                if stopping {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Self { done, handle }
+    }
+
+    /// Time from `started` until every child VMM answered, if they all did before the branch returned.
+    fn finish(self, started: Instant) -> Option<Duration> {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().ok().flatten().map(|at| at.saturating_duration_since(started))
+    }
+}
+
+fn list_dirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default()
 }
 
 /// Pause vs guest memory: BRANCH against the file-snapshot method (log scale).
@@ -347,5 +428,9 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Boot { runs, execs, memory } => bench_boot(&cli.out, runs, execs, &memory),
         Cmd::Branch { memory, counts, rounds } => bench_branch(&cli.out, &memory, &counts, rounds),
+        Cmd::Load { clients, sandboxes, seconds } => load::bench_load(
+            &cli.out,
+            &load::LoadOptions { clients, sandboxes, duration: std::time::Duration::from_secs(seconds) },
+        ),
     }
 }

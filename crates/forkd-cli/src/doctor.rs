@@ -85,5 +85,9 @@ pub fn run_checks(dirs: &Dirs) -> Vec<Check> {
         Ok(_) => checks.push(check("images", false, "no images", "forkd image build tiny")),
         Err(e) => checks.push(check("images", false, e.to_string(), "forkd image build tiny")),
     }
+    // Isolation: per-sandbox network, cgroup limits, the VMM jail (docs/security.md).
+    for f in forkd_vmm::backend::isolation::doctor(&dirs.state) {
+        checks.push(check(f.name, f.ok, f.detail, "see docs/security.md (root, iproute2, nftables, cgroups)"));
+    }
     checks
 }

@@ -1,11 +1,13 @@
 //! `forkd`: microVM sandboxes for AI agents, with live BRANCH.
 
+mod api;
 mod commands;
 mod doctor;
 mod progress;
 mod signals;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -17,7 +19,7 @@ pub const EXIT_FORKD_ERROR: u8 = 125;
     name = "forkd",
     version,
     about = "MicroVM sandboxes for AI agents: boot, run code, and BRANCH a running sandbox into many.",
-    after_help = "Examples:\n  forkd run -- uname -a                     boot a sandbox, run a command, tear down\n  ID=$(forkd create)                        boot a sandbox and keep it\n  forkd exec $ID -- sh -c 'echo hi > /root/a'\n  forkd branch $ID -n 4                     fork it into 4 children (it keeps running)\n  forkd template create default             later `forkd run` forks this instead of booting\n  forkd run --memory 512M -- sh -c 'echo hi'\n  forkd kernel build                        build the guest kernel (once, ~4 min)\n  forkd image build tiny                    build the small busybox image\n  forkd doctor                              check this host\n\nExit status: the command's own status for `run`; 125 when forkd itself fails."
+    after_help = "Examples:\n  forkd run -- uname -a                     boot a sandbox, run a command, tear down\n  ID=$(forkd create)                        boot a sandbox and keep it\n  forkd exec $ID -- sh -c 'echo hi > /root/a'\n  forkd branch $ID -n 4                     fork it into 4 children (it keeps running)\n  forkd template create default             later `forkd run` forks this instead of booting\n  forkd run --memory 512M -- sh -c 'echo hi'\n  forkd kernel build                        build the guest kernel (once, ~4 min)\n  forkd image build tiny                    build the small busybox image\n  forkd doctor                              check this host\n  forkd daemon                              serve the gRPC/REST API on /run/forkd/forkd.sock\n\nWith a daemon answering on --socket (FORKD_SOCKET, default /run/forkd/forkd.sock), create,\nexec, branch, ls, inspect, rm, cp, logs, images, template and run go through it; otherwise\nthey work on the state directory directly.\n\nExit status: the command's own status for `run` and `exec`; 125 when forkd itself fails."
 )]
 struct Cli {
     /// State directory (images, sandboxes).
@@ -26,6 +28,9 @@ struct Cli {
     /// Cache directory (kernel builds).
     #[arg(long, global = true, env = "FORKD_CACHE_DIR", default_value = "/var/cache/forkd")]
     cache_dir: PathBuf,
+    /// The daemon's Unix socket. Commands use the daemon when it answers there.
+    #[arg(long, global = true, env = "FORKD_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// Show more detail (tool output during builds, debug logs).
     #[arg(short, long, global = true)]
     verbose: bool,
@@ -78,6 +83,14 @@ enum Command {
     /// Build, import, list and remove root filesystem images.
     #[command(subcommand)]
     Image(commands::image::ImageCommand),
+    /// List root filesystem images (like `forkd image ls`, through the daemon when it runs).
+    Images {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the forkd.v1 gRPC API and a REST/JSON mirror on a Unix socket (and optionally
+    /// TCP with a bearer token). Sandboxes keep running when it stops and are re-adopted on start.
+    Daemon(commands::daemon::DaemonArgs),
     /// Check that this host can run sandboxes, and say what to fix.
     Doctor {
         /// Print the checks as JSON.
@@ -87,8 +100,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let filter = if cli.verbose { "info" } else { "warn" };
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    api::configure(api::Settings {
+        socket: cli.socket.clone(),
+        state_dir_explicit: matches.value_source("state_dir").is_some_and(|s| s != ValueSource::DefaultValue),
+    });
+    let daemon = matches!(cli.command, Command::Daemon(_));
+    let filter = if cli.verbose || daemon { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FORKD_LOG").unwrap_or_else(|_| filter.into()))
         .with_writer(std::io::stderr)
@@ -107,6 +126,8 @@ fn main() -> ExitCode {
         Command::Template(cmd) => commands::template::run(&dirs, cmd, cli.verbose),
         Command::Kernel(cmd) => commands::kernel::run(&dirs, cmd, cli.verbose),
         Command::Image(cmd) => commands::image::run(&dirs, cmd, cli.verbose),
+        Command::Images { json } => commands::image::images(&dirs, json, cli.verbose),
+        Command::Daemon(args) => commands::daemon::run(&dirs, &api::socket_path(), args, cli.verbose),
         Command::Doctor { json } => commands::doctor(&dirs, json),
     };
     match result {

@@ -34,6 +34,28 @@ pub struct MemoryUsage {
     pub private_dirty_kib: u64,
 }
 
+/// What the sandbox's cgroup reports (figures the host does not provide are `None`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourceUsage {
+    /// The cgroup (its name) holding the VMM.
+    pub cgroup: String,
+    pub memory_bytes: Option<u64>,
+    pub memory_peak_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+    /// Times the VMM hit its memory limit, and processes the kernel killed for it.
+    pub memory_limit_hits: Option<u64>,
+    pub oom_kills: Option<u64>,
+    /// CPU time used, µs, and the quota (CPUs).
+    pub cpu_usage_us: Option<u64>,
+    pub cpu_limit: Option<f64>,
+    pub pids: Option<u64>,
+    pub pids_limit: Option<u64>,
+    pub io_read_bytes: Option<u64>,
+    pub io_write_bytes: Option<u64>,
+    /// Network mode and egress allow-list in force.
+    pub network: Option<String>,
+}
+
 /// Whether a sandbox's VMM is still there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state", content = "reason")]
@@ -125,6 +147,18 @@ pub trait SandboxBackend: Send + Sync {
     fn probe(&self, runtime: &RuntimeHandle) -> Liveness;
 
     fn memory_usage(&self, runtime: &RuntimeHandle) -> Result<MemoryUsage>;
+
+    /// Usage and limits of the sandbox's cgroup, for `forkd inspect`; `None` when the backend
+    /// does not confine sandboxes in cgroups.
+    fn resource_usage(&self, _runtime: &RuntimeHandle) -> Option<ResourceUsage> {
+        None
+    }
+
+    /// Removes host resources (network namespaces, links, cgroups) left by sandboxes that no
+    /// longer exist; `live` are the runtimes of the sandboxes still alive. Called on start.
+    fn cleanup_stale(&self, _live: &[RuntimeHandle]) -> Result<()> {
+        Ok(())
+    }
 
     /// The guest console log so far (the last `max_bytes` of it).
     fn console(&self, runtime: &RuntimeHandle, max_bytes: u64) -> Result<Vec<u8>>;

@@ -1,15 +1,23 @@
 //! The controller: the registry of sandboxes and their lifecycle, over a backend.
 //!
-//! Concurrency: commands and file operations on a sandbox run concurrently (shared lock);
-//! lifecycle changes (destroy, branch) take the sandbox's exclusive lock after cancelling the
-//! commands in flight, so a delete never waits for a long-running command.
+//! Concurrency: commands, file operations and BRANCH on a sandbox run concurrently (shared
+//! lock; branches of one source are serialized among themselves); destroy takes the sandbox's
+//! exclusive lock after cancelling the commands in flight, so a delete never waits for a
+//! long-running command. Different sandboxes never wait for each other. Creates and branches
+//! in flight can be capped ([`ControllerOptions`]); past the cap they fail at once with
+//! `ResourceExhausted { retry_after_ms }`.
+//!
+//! Events: [`Controller::subscribe`] / [`Controller::events`] report sandboxes created,
+//! branched, exited and destroyed. [`Controller::refresh`] finds sandboxes whose VMM died
+//! (a daemon calls it periodically) and marks them exited.
 //!
 //! Persistence: with a state directory, every lifecycle change is written to `state.json`
 //! (see `store`), and opening the controller re-adopts the sandboxes whose VMMs still run
 //! (VMMs are separate processes and outlive the process that started them).
 
-use crate::backend::{BranchOptions, DirEntry, Liveness, MemoryUsage, RuntimeHandle, SandboxBackend};
+use crate::backend::{BranchOptions, DirEntry, Liveness, MemoryUsage, ResourceUsage, RuntimeHandle, SandboxBackend};
 use crate::error::{Error, Result};
+use crate::events::{Event, EventKind, Events, Subscribers, Subscription};
 use crate::exec::{CancelToken, ExecOutcome, ExecRequest, ExecSink};
 use crate::id::SandboxId;
 use crate::spec::SandboxSpec;
@@ -18,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -54,7 +63,7 @@ pub struct BranchResult {
     pub pause: Duration,
 }
 
-mod duration_ms {
+pub(crate) mod duration_ms {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -65,11 +74,27 @@ mod duration_ms {
     }
 }
 
+/// Limits a controller enforces. The defaults limit nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ControllerOptions {
+    /// Most creates (boots) in flight at once; more fail with `ResourceExhausted`.
+    pub max_concurrent_creates: Option<usize>,
+    /// Most branches (including creates from a template) in flight at once.
+    pub max_concurrent_branches: Option<usize>,
+    /// Most running sandboxes at once (a BRANCH of N counts N).
+    pub max_sandboxes: Option<usize>,
+}
+
 struct Entry {
     info: Mutex<SandboxInfo>,
     runtime: RuntimeHandle,
-    /// Shared for commands, exclusive for lifecycle changes.
+    /// Shared for commands and branches, exclusive for destroy.
     lifecycle: RwLock<()>,
+    /// Serializes branches of this sandbox.
+    branching: Mutex<()>,
+    /// Set when destroy starts: nothing new may start on the sandbox.
+    gone: AtomicBool,
     in_flight: Mutex<Vec<CancelToken>>,
 }
 
@@ -79,8 +104,69 @@ impl Entry {
             info: Mutex::new(info),
             runtime,
             lifecycle: RwLock::new(()),
+            branching: Mutex::new(()),
+            gone: AtomicBool::new(false),
             in_flight: Mutex::new(Vec::new()),
         })
+    }
+}
+
+/// Counts operations of one kind in flight against an optional cap, and remembers how long
+/// they take (for the retry hint).
+struct Gate {
+    what: &'static str,
+    in_flight: AtomicUsize,
+    /// Exponentially weighted mean duration, ms.
+    mean_ms: AtomicU64,
+}
+
+struct Permit<'a> {
+    gate: &'a Gate,
+    started: std::time::Instant,
+}
+
+impl Gate {
+    fn new(what: &'static str, initial_ms: u64) -> Self {
+        Self { what, in_flight: AtomicUsize::new(0), mean_ms: AtomicU64::new(initial_ms) }
+    }
+
+    fn retry_after_ms(&self) -> u64 {
+        (self.mean_ms.load(Ordering::Relaxed) / 2).clamp(50, 30_000)
+    }
+
+    fn enter(&self, max: Option<usize>) -> Result<Permit<'_>> {
+        let admitted = self.in_flight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match max {
+            Some(max) if n >= max => None,
+            _ => Some(n + 1),
+        });
+        match admitted {
+            Ok(_) => Ok(Permit { gate: self, started: std::time::Instant::now() }),
+            Err(n) => Err(Error::ResourceExhausted {
+                message: format!("{n} {} already in flight (the limit)", self.what),
+                retry_after_ms: self.retry_after_ms(),
+            }),
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        let took = self.started.elapsed().as_millis() as u64;
+        let mean = self.gate.mean_ms.load(Ordering::Relaxed);
+        self.gate.mean_ms.store((mean * 3 + took) / 4, Ordering::Relaxed);
+        self.gate.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Reserved room under `max_sandboxes`, released on drop.
+struct Reservation<'a> {
+    pending: &'a AtomicUsize,
+    count: usize,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.pending.fetch_sub(self.count, Ordering::SeqCst);
     }
 }
 
@@ -99,12 +185,86 @@ pub struct Controller {
     /// Who acts, for the audit log (`cli`, `daemon`, ...).
     who: String,
     sandboxes: Mutex<BTreeMap<SandboxId, Arc<Entry>>>,
+    options: ControllerOptions,
+    subscribers: Arc<Subscribers>,
+    creates: Gate,
+    branches: Gate,
+    /// Sandboxes being created or branched, counted against `max_sandboxes`.
+    pending: AtomicUsize,
 }
 
 impl Controller {
     /// A controller that keeps nothing on disk (embedding, tests, one-shot runs).
     pub fn new(backend: Arc<dyn SandboxBackend>) -> Self {
-        Self { backend, store: None, who: "embedded".into(), sandboxes: Mutex::new(BTreeMap::new()) }
+        Self::build(backend, None, "embedded", BTreeMap::new())
+    }
+
+    fn build(
+        backend: Arc<dyn SandboxBackend>,
+        store: Option<Store>,
+        who: &str,
+        sandboxes: BTreeMap<SandboxId, Arc<Entry>>,
+    ) -> Self {
+        Self {
+            backend,
+            store,
+            who: who.into(),
+            sandboxes: Mutex::new(sandboxes),
+            options: ControllerOptions::default(),
+            subscribers: Arc::default(),
+            creates: Gate::new("sandbox boots", 20_000),
+            branches: Gate::new("branches", 1_000),
+            pending: AtomicUsize::new(0),
+        }
+    }
+
+    /// The same controller with `options` enforced.
+    pub fn with_options(mut self, options: ControllerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    pub fn options(&self) -> &ControllerOptions {
+        &self.options
+    }
+
+    /// The state directory, for a persistent controller.
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.store.as_ref().map(Store::dir)
+    }
+
+    /// Calls `callback` with every lifecycle event until the returned guard is dropped. The
+    /// callback runs on the thread that made the change: keep it short and non-blocking.
+    pub fn subscribe(&self, callback: impl Fn(&Event) + Send + Sync + 'static) -> Subscription {
+        self.subscribers.add(Arc::new(callback))
+    }
+
+    /// Lifecycle events as a blocking iterator (see [`Events`]).
+    pub fn events(&self) -> Events {
+        Events::new(&self.subscribers)
+    }
+
+    fn emit(&self, kind: EventKind) {
+        self.subscribers.emit(Event::now(kind));
+    }
+
+    /// Reserves room for `count` new sandboxes under `max_sandboxes`.
+    fn reserve(&self, count: usize) -> Result<Reservation<'_>> {
+        let map = lock(&self.sandboxes);
+        if let Some(max) = self.options.max_sandboxes {
+            let running = map.values().filter(|e| lock(&e.info).state == SandboxState::Running).count();
+            let pending = self.pending.load(Ordering::SeqCst);
+            if running + pending + count > max {
+                return Err(Error::ResourceExhausted {
+                    message: format!(
+                        "{count} more sandbox(es) would exceed the limit of {max} ({running} running, {pending} starting); remove some first"
+                    ),
+                    retry_after_ms: 1_000,
+                });
+            }
+        }
+        self.pending.fetch_add(count, Ordering::SeqCst);
+        Ok(Reservation { pending: &self.pending, count })
     }
 
     /// A controller persisting to `state_dir`: loads `state.json` and re-adopts every
@@ -132,7 +292,7 @@ impl Controller {
             store.audit(who, "mark_exited", Some(id.as_str()), &Ok(()));
         }
         let sandboxes = records.into_iter().map(|r| (r.info.id.clone(), Entry::new(r.info, r.runtime))).collect();
-        Ok(Self { backend, store: Some(store), who: who.into(), sandboxes: Mutex::new(sandboxes) })
+        Ok(Self::build(backend, Some(store), who, sandboxes))
     }
 
     pub fn backend(&self) -> &Arc<dyn SandboxBackend> {
@@ -171,6 +331,8 @@ impl Controller {
 
     fn create_inner(&self, spec: SandboxSpec, template: Option<String>) -> Result<SandboxInfo> {
         spec.validate()?;
+        let _permit = self.creates.enter(self.options.max_concurrent_creates)?;
+        let _reservation = self.reserve(1)?;
         let id = SandboxId::generate();
         let runtime = self.backend.create(&id, &spec)?;
         let info = SandboxInfo {
@@ -182,9 +344,11 @@ impl Controller {
             template,
         };
         if let Err(e) = self.register(info.clone(), runtime.clone()) {
+            lock(&self.sandboxes).remove(&info.id);
             let _ = self.backend.destroy(&runtime);
             return Err(e);
         }
+        self.emit(EventKind::Created { sandbox: info.clone() });
         Ok(info)
     }
 
@@ -246,6 +410,11 @@ impl Controller {
             external.on_cancel(move || linked.cancel());
         }
         lock(&entry.in_flight).push(token.clone());
+        // After registering the token: a destroy that starts later cancels it.
+        if entry.gone.load(Ordering::SeqCst) {
+            lock(&entry.in_flight).retain(|t| !t.same_as(&token));
+            return Err(Error::sandbox_not_found(id.as_str()));
+        }
         let result = f(&entry.runtime, &token);
         lock(&entry.in_flight).retain(|t| !t.same_as(&token));
         result
@@ -294,6 +463,24 @@ impl Controller {
         self.backend.memory_usage(&entry.runtime)
     }
 
+    /// Usage and limits of the sandbox's cgroup (`None` if the backend does not use cgroups).
+    pub fn resource_usage(&self, id: &SandboxId) -> Result<Option<ResourceUsage>> {
+        let entry = self.entry(id)?;
+        Ok(self.backend.resource_usage(&entry.runtime))
+    }
+
+    /// Releases host resources (network namespaces, links, cgroups) that sandboxes of this
+    /// state directory left behind when their VMMs died, e.g. in a host crash. Run on daemon
+    /// start; resources of sandboxes still running are left alone.
+    pub fn cleanup_stale(&self) -> Result<()> {
+        let live: Vec<RuntimeHandle> = lock(&self.sandboxes)
+            .values()
+            .filter(|e| matches!(self.backend.probe(&e.runtime), Liveness::Running))
+            .map(|e| e.runtime.clone())
+            .collect();
+        self.backend.cleanup_stale(&live)
+    }
+
     pub fn console(&self, id: &SandboxId, max_bytes: u64) -> Result<Vec<u8>> {
         let entry = self.entry(id)?;
         self.backend.console(&entry.runtime, max_bytes)
@@ -310,7 +497,14 @@ impl Controller {
     fn branch_inner(&self, id: &SandboxId, opts: &BranchOptions) -> Result<BranchResult> {
         opts.validate()?;
         let entry = self.entry(id)?;
-        let _exclusive = entry.lifecycle.write().unwrap_or_else(|e| e.into_inner());
+        let _permit = self.branches.enter(self.options.max_concurrent_branches)?;
+        let _reservation = self.reserve(opts.count as usize)?;
+        let _one_at_a_time = lock(&entry.branching);
+        // Commands keep running in the source during a BRANCH; only destroy excludes it.
+        let _shared = entry.lifecycle.read().unwrap_or_else(|e| e.into_inner());
+        if entry.gone.load(Ordering::SeqCst) {
+            return Err(Error::sandbox_not_found(id.as_str()));
+        }
         let source = lock(&entry.info).clone();
         if let SandboxState::Exited(why) = &source.state {
             return Err(Error::FailedPrecondition(format!("sandbox {id} has exited ({why}); it cannot be branched")));
@@ -332,11 +526,12 @@ impl Controller {
             children.push(Record { info, runtime });
         }
         self.persist(|records| records.extend(children.iter().cloned()))?;
-        Ok(BranchResult {
-            source: id.clone(),
-            children: children.into_iter().map(|r| r.info).collect(),
-            pause: branched.pause,
-        })
+        let children: Vec<SandboxInfo> = children.into_iter().map(|r| r.info).collect();
+        for child in &children {
+            self.emit(EventKind::Created { sandbox: child.clone() });
+        }
+        self.emit(EventKind::Branched { source, children: children.clone(), pause: branched.pause });
+        Ok(BranchResult { source: id.clone(), children, pause: branched.pause })
     }
 
     /// Stops a sandbox, cancelling its commands in flight, and forgets it.
@@ -348,13 +543,65 @@ impl Controller {
 
     fn destroy_inner(&self, id: &SandboxId) -> Result<()> {
         let entry = self.entry(id)?;
+        entry.gone.store(true, Ordering::SeqCst);
         for token in lock(&entry.in_flight).drain(..) {
             token.cancel();
         }
         let _exclusive = entry.lifecycle.write().unwrap_or_else(|e| e.into_inner());
-        self.backend.destroy(&entry.runtime)?;
+        if !lock(&self.sandboxes).get(id).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+            // A concurrent destroy got here first.
+            return Err(Error::sandbox_not_found(id.as_str()));
+        }
+        if let Err(e) = self.backend.destroy(&entry.runtime) {
+            entry.gone.store(false, Ordering::SeqCst);
+            return Err(e);
+        }
         lock(&self.sandboxes).remove(id);
-        self.persist(|records| records.retain(|r| &r.info.id != id))
+        let persisted = self.persist(|records| records.retain(|r| &r.info.id != id));
+        self.emit(EventKind::Destroyed { id: id.clone() });
+        persisted
+    }
+
+    /// Checks every running sandbox's VMM and marks the ones that went away as exited
+    /// (persisted, audited, and reported as `Exited` events). Cheap (no guest round trip);
+    /// a daemon calls it every second or so. Sandboxes in the middle of a destroy are
+    /// skipped. Returns the ids newly marked exited.
+    pub fn refresh(&self) -> Vec<SandboxId> {
+        let entries: Vec<(SandboxId, Arc<Entry>)> =
+            lock(&self.sandboxes).iter().map(|(id, e)| (id.clone(), e.clone())).collect();
+        let mut exited = Vec::new();
+        for (id, entry) in entries {
+            if entry.gone.load(Ordering::SeqCst) || lock(&entry.info).state != SandboxState::Running {
+                continue;
+            }
+            let Ok(_shared) = entry.lifecycle.try_read() else {
+                continue; // a destroy holds or waits for it
+            };
+            let Liveness::Exited(why) = self.backend.probe(&entry.runtime) else {
+                continue;
+            };
+            let info = {
+                let mut info = lock(&entry.info);
+                if info.state != SandboxState::Running {
+                    continue;
+                }
+                info.state = SandboxState::Exited(why.clone());
+                info.clone()
+            };
+            let result = self.persist(|records| {
+                for r in records.iter_mut().filter(|r| r.info.id == id) {
+                    r.info.state = SandboxState::Exited(why.clone());
+                }
+            });
+            if let Err(e) = &result {
+                tracing::warn!(sandbox = %id, "persisting exited state: {e}");
+            }
+            self.audit("mark_exited", Some(id.as_str()), &result);
+            tracing::info!(sandbox = %id, "sandbox exited: {why}");
+            self.emit(EventKind::Exited { sandbox: info });
+            exited.push(id);
+        }
+        exited
     }
 
     /// Destroys every sandbox; returns the first error after trying all.
@@ -388,3 +635,6 @@ fn validate_template_name(name: &str) -> Result<()> {
         Err(Error::invalid("name", format!("`{name}` is not a template name (lowercase letters, digits, '-', '_')")))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -17,6 +17,22 @@ pub enum ErrorCode {
     Internal,
 }
 
+impl ErrorCode {
+    /// The snake_case name (`not_found`, ...), as in JSON error bodies and metrics labels.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::FailedPrecondition => "failed_precondition",
+            ErrorCode::ResourceExhausted => "resource_exhausted",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum Error {
     #[error("{kind} `{id}` not found{hint}")]

@@ -8,15 +8,17 @@
 pub mod backend;
 pub mod controller;
 pub mod error;
+pub mod events;
 pub mod exec;
 pub mod id;
 pub mod size;
 pub mod spec;
 pub mod store;
 
-pub use backend::{BranchOptions, DirEntry, Liveness, MemoryUsage, RuntimeHandle, SandboxBackend};
-pub use controller::{BranchResult, Controller, SandboxInfo, SandboxState};
+pub use backend::{BranchOptions, DirEntry, Liveness, MemoryUsage, ResourceUsage, RuntimeHandle, SandboxBackend};
+pub use controller::{BranchResult, Controller, ControllerOptions, SandboxInfo, SandboxState};
 pub use error::{Error, ErrorCode, Result};
+pub use events::{Event, EventKind, Events, Subscription};
 pub use exec::{CancelToken, CapturedOutput, ExecOutcome, ExecRequest, ExecSink, ExitStatus, OutputStream};
 pub use id::SandboxId;
-pub use spec::SandboxSpec;
+pub use spec::{NetworkMode, NetworkPolicy, ResourceLimits, SandboxSpec};

@@ -22,11 +22,81 @@ pub struct SandboxSpec {
     pub vcpus: u8,
     /// Free-form labels, returned in listings.
     pub labels: BTreeMap<String, String>,
+    /// Guest networking; no NIC unless asked for.
+    pub network: NetworkPolicy,
+    /// Host-side limits on the sandbox's VMM process (its cgroup).
+    pub limits: ResourceLimits,
+}
+
+/// How a sandbox reaches the network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    /// No network device at all.
+    #[default]
+    None,
+    /// Own network namespace, NAT to the outside, egress denied except `allow`.
+    Nat,
+}
+
+impl std::str::FromStr for NetworkMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(NetworkMode::None),
+            "nat" => Ok(NetworkMode::Nat),
+            other => Err(Error::invalid("network", format!("unknown mode `{other}`; use `none` or `nat`"))),
+        }
+    }
+}
+
+impl std::fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NetworkMode::None => "none",
+            NetworkMode::Nat => "nat",
+        })
+    }
+}
+
+/// Network mode plus the egress allow-list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkPolicy {
+    pub mode: NetworkMode,
+    /// Egress destinations allowed in `nat` mode: `CIDR` or `CIDR:PORT` (e.g. `192.0.2.0/24:443`),
+    /// or `allow-all`. Empty means deny all egress. The backend parses and checks each entry.
+    pub allow: Vec<String>,
+}
+
+/// Limits applied to the sandbox's cgroup. `None` means the backend's default (see its docs).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResourceLimits {
+    /// Memory limit of the VMM process (guest RAM it touched plus its own), MiB.
+    pub memory_mib: Option<u64>,
+    /// CPU time as a number of CPUs (0.5 = half of one CPU per period).
+    pub cpus: Option<f64>,
+    /// Disk throughput limit on the device backing the sandbox's disk, bytes per second
+    /// (read and write each).
+    pub io_bps: Option<u64>,
+    /// Disk operations per second (read and write each).
+    pub io_iops: Option<u64>,
+    /// Most tasks (threads) in the VMM's cgroup.
+    pub pids: Option<u64>,
 }
 
 impl Default for SandboxSpec {
     fn default() -> Self {
-        Self { image: "tiny".into(), kernel: None, memory_mib: DEFAULT_MEMORY_MIB, vcpus: 1, labels: BTreeMap::new() }
+        Self {
+            image: "tiny".into(),
+            kernel: None,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            vcpus: 1,
+            labels: BTreeMap::new(),
+            network: NetworkPolicy::default(),
+            limits: ResourceLimits::default(),
+        }
     }
 }
 
@@ -45,6 +115,21 @@ impl SandboxSpec {
         for key in self.labels.keys() {
             if key.is_empty() || key.len() > 63 {
                 return Err(Error::invalid("labels", format!("label key `{key}` must be 1 to 63 bytes")));
+            }
+        }
+        if self.network.mode == NetworkMode::None && !self.network.allow.is_empty() {
+            return Err(Error::invalid("network.allow", "an allow-list needs `--network nat`"));
+        }
+        if self.network.allow.iter().any(|a| a.trim().is_empty()) {
+            return Err(Error::invalid("network.allow", "entries must be CIDR[:PORT] or allow-all"));
+        }
+        let l = &self.limits;
+        if l.memory_mib == Some(0) || l.io_bps == Some(0) || l.io_iops == Some(0) || l.pids == Some(0) {
+            return Err(Error::invalid("limits", "limits must be positive; leave a limit out to use the default"));
+        }
+        if let Some(cpus) = l.cpus {
+            if !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0) {
+                return Err(Error::invalid("limits.cpus", format!("{cpus} is out of range; use e.g. 0.5 or 2")));
             }
         }
         Ok(())

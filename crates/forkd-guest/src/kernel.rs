@@ -55,8 +55,14 @@ pub const RECOMMENDED_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 825
 /// 0001, 0002), skipped optional boot work (0003), and the CPU features the kernel-mode emulator
 /// cannot run. On such hosts CPUID leaves 1, 7 and 0xd are passed
 /// through from the host whatever the VMM sets, so these features can only be hidden here.
-pub const EMULATED_KERNEL_MODE_CMDLINE: &str = "forkd.ud_syscall=1 forkd.fastboot=1 noxsave \
-     clearcpuid=popcnt,smap,fsgsbase,rdrand,rdseed,invpcid,erms,fsrm,cx16";
+///
+/// XSAVE stays on: guest user mode runs with the host's XCR0 (AVX-512 included), so the kernel
+/// must switch the full extended state between processes. The emulator cannot run XSAVE-family
+/// instructions; the VMM completes XSAVE, XSAVEOPT and XRSTOR itself in the standard format
+/// (`forkd_vmm::emulate::xsave`). `xsavec,xsaves` keep the kernel off the compacted format
+/// (XSAVEC/XSAVES/XRSTORS), which the VMM does not implement.
+pub const EMULATED_KERNEL_MODE_CMDLINE: &str = "forkd.ud_syscall=1 forkd.fastboot=1 \
+     clearcpuid=popcnt,smap,fsgsbase,rdrand,rdseed,invpcid,erms,fsrm,cx16,xsavec,xsaves";
 
 /// Number of build steps (`CC`, `AS`, `AR`, `LD`, ... lines) `make vmlinux bzImage` printed for
 /// this config; the progress total. Recount when the config changes a lot (only the bar's

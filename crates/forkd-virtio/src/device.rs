@@ -103,6 +103,8 @@ pub enum DeviceRewire {
     Block { backend: Box<dyn DiskBackend> },
     /// Bind the vsock host listener at a new Unix socket path.
     Vsock { uds_path: PathBuf },
+    /// Switch a net device to a new tap (the child's, in its own network namespace).
+    Net { tap: OwnedFd },
 }
 
 impl fmt::Debug for DeviceRewire {
@@ -113,6 +115,7 @@ impl fmt::Debug for DeviceRewire {
                 f.debug_struct("Block").field("size", &backend.size()).field("read_only", &backend.read_only()).finish()
             }
             DeviceRewire::Vsock { uds_path } => f.debug_struct("Vsock").field("uds_path", uds_path).finish(),
+            DeviceRewire::Net { tap } => f.debug_struct("Net").field("tap", tap).finish(),
         }
     }
 }
@@ -138,6 +141,7 @@ impl DeviceRewire {
             DeviceRewire::Keep => "keep",
             DeviceRewire::Block { .. } => "block",
             DeviceRewire::Vsock { .. } => "vsock",
+            DeviceRewire::Net { .. } => "net",
         }
     }
 }

@@ -1,4 +1,4 @@
-//! virtio-mmio transport and the virtio devices of forkd: block, vsock, rng.
+//! virtio-mmio transport and the virtio devices of forkd: block, vsock, net, rng.
 //!
 //! # Pieces
 //!
@@ -8,7 +8,7 @@
 //!   interrupt EventFd, and is an `event_manager` subscriber that runs all
 //!   device work on the VMM's event-loop thread.
 //! * Devices: [`BlockDevice`] over a [`DiskBackend`] (e.g. [`RawFileDisk`]),
-//!   [`VsockDevice`] (Unix-socket host side), [`RngDevice`].
+//!   [`VsockDevice`] (Unix-socket host side), [`NetDevice`] (over a tap fd), [`RngDevice`].
 //!
 //! # Wiring (VMM side)
 //!
@@ -47,7 +47,8 @@
 //!    [`MmioTransport::rewire_after_fork`] with a fresh irqfd and a
 //!    [`DeviceRewire`]: `Block { backend }` (the child's disk),
 //!    `Vsock { uds_path }` (a new listener path; the guest then receives
-//!    VIRTIO_VSOCK_EVENT_TRANSPORT_RESET and drops stale connections), or
+//!    VIRTIO_VSOCK_EVENT_TRANSPORT_RESET and drops stale connections),
+//!    `Net { tap }` (the child's own tap, in its own network namespace), or
 //!    `Keep` (rng). This closes the child's copies of every inherited fd without
 //!    touching the parent's (no `shutdown(2)` on shared sockets).
 //! 3. Child: on the new VM, register the new irqfd and the new
@@ -69,6 +70,7 @@ pub mod block;
 mod chain;
 pub mod device;
 mod interrupt;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 mod tests;
@@ -78,6 +80,7 @@ pub mod vsock;
 pub use block::{BlockDevice, BlockState, DiskBackend, RawFileDisk};
 pub use device::{DeviceContext, DeviceError, DeviceRewire, Interest, VirtioDevice};
 pub use interrupt::{INTERRUPT_CONFIG, INTERRUPT_VRING};
+pub use net::{NetDevice, NetState, NetStats};
 pub use rng::{RngDevice, RngState};
 pub use transport::{MmioTransport, QueueConfigState, TransportError, TransportState};
 pub use vsock::{VsockDevice, VsockState};

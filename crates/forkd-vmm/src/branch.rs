@@ -58,7 +58,18 @@ fn fork() -> std::io::Result<libc::pid_t> {
 }
 
 /// Forks `machine` into one child per directory in `children`.
-pub fn branch(mut machine: Machine, config: &VmConfig, children: &[PathBuf]) -> BranchSide {
+///
+/// `taps` holds one tap per child when the VM has a network device (each child's own, in its
+/// own network namespace), or is empty. The source closes its copies once the zygote has them.
+pub fn branch(mut machine: Machine, config: &VmConfig, children: &[PathBuf], taps: Vec<OwnedFd>) -> BranchSide {
+    if machine.has_net() && taps.len() != children.len() {
+        let msg = format!(
+            "this VM has a network device: pass one tap per child ({} children, {} taps)",
+            children.len(),
+            taps.len()
+        );
+        return BranchSide::Parent(machine, Err(msg));
+    }
     let started = Instant::now();
     let frozen = match machine.freeze() {
         Ok(f) => f,
@@ -91,9 +102,10 @@ pub fn branch(mut machine: Machine, config: &VmConfig, children: &[PathBuf]) -> 
     };
     if zygote == 0 {
         drop(read_end);
-        return run_zygote(machine, config, &frozen, children, write_end);
+        return run_zygote(machine, config, &frozen, children, write_end, taps);
     }
     drop(write_end);
+    drop(taps);
     machine.thaw();
     let pause = started.elapsed();
     let report = collect_children(read_end, zygote, children, pause);
@@ -107,12 +119,17 @@ fn run_zygote(
     frozen: &FrozenState,
     children: &[PathBuf],
     report: OwnedFd,
+    taps: Vec<OwnedFd>,
 ) -> BranchSide {
+    let mut taps: Vec<Option<OwnedFd>> = taps.into_iter().map(Some).collect();
     for (index, dir) in children.iter().enumerate() {
         match fork() {
             Ok(0) => {
                 drop(report);
-                return become_child(machine, config, frozen, dir);
+                let tap = taps.get_mut(index).and_then(Option::take);
+                // The other children's taps are theirs: close this child's copies.
+                drop(taps);
+                return become_child(machine, config, frozen, dir, tap);
             }
             Ok(pid) => {
                 let record = [index as u32, pid as u32];
@@ -133,7 +150,14 @@ fn run_zygote(
 
 /// In a child: detach, adopt the child's own paths, rebuild the VM. On failure the child
 /// process exits (the launcher sees it die and reports the error from its log).
-fn become_child(machine: Machine, config: &VmConfig, frozen: &FrozenState, dir: &Path) -> BranchSide {
+fn become_child(
+    machine: Machine,
+    config: &VmConfig,
+    frozen: &FrozenState,
+    dir: &Path,
+    tap: Option<OwnedFd>,
+) -> BranchSide {
+    let forked = Instant::now();
     let paths = child_paths(dir);
     // A session of its own: signals to the source's process group must not reach children.
     // SAFETY: setsid has no memory-safety preconditions.
@@ -154,14 +178,20 @@ fn become_child(machine: Machine, config: &VmConfig, frozen: &FrozenState, dir: 
             let layers = disk.adopt_in_child(&dir.join("disk")).map_err(|e| VmmError::Disk(e.to_string()))?;
             child_config.root_disk = Some(DiskConfig { base: disk.base_path().to_path_buf(), layers });
         }
-        let machine = machine.rebuild_in_child(frozen, &paths)?;
+        if let (Some(net), Some(tap)) = (&mut child_config.net, &tap) {
+            net.tap_fd = tap.as_raw_fd();
+        }
+        let machine = machine.rebuild_in_child(frozen, &paths, tap)?;
         let json = serde_json::to_vec_pretty(&child_config).map_err(|e| VmmError::Device(e.to_string()))?;
         std::fs::write(&paths.config, json)
             .map_err(|source| VmmError::Io { what: "writing child vm.json".into(), source })?;
         Ok((machine, child_config))
     })();
     match result {
-        Ok((machine, config)) => BranchSide::Child(Box::new(machine), Box::new(config)),
+        Ok((machine, config)) => {
+            tracing::info!("branch child rebuilt in {:?}", forked.elapsed());
+            BranchSide::Child(Box::new(machine), Box::new(config))
+        }
         Err(e) => {
             eprintln!("forkd-vmm: error: branch child failed to start: {e}");
             // SAFETY: ending this child process without touching shared resources.

@@ -29,6 +29,9 @@ pub struct VmConfig {
     /// Host side of virtio-vsock.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// A virtio-net device over a tap the launcher opened (mode `nat`); absent means no NIC.
+    #[serde(default)]
+    pub net: Option<NetDeviceConfig>,
     /// Add a virtio-rng device.
     #[serde(default = "yes")]
     pub rng: bool,
@@ -37,6 +40,20 @@ pub struct VmConfig {
     /// Kernel `System.map`, used to name guest addresses in errors.
     #[serde(default)]
     pub system_map: Option<PathBuf>,
+    /// Confine the VMM after setup (mount namespace, capabilities, seccomp); see forkd-jail.
+    #[serde(default)]
+    pub jail: Option<forkd_jail::JailConfig>,
+}
+
+/// The guest's NIC.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetDeviceConfig {
+    /// The tap, already open and inherited at this fd number (`IFF_TAP | IFF_NO_PI`,
+    /// non-blocking). The VMM needs no network privileges to use it.
+    pub tap_fd: i32,
+    /// The guest's MAC.
+    pub mac: forkd_net::MacAddr,
 }
 
 fn yes() -> bool {

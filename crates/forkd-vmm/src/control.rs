@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -19,8 +20,13 @@ pub enum ControlRequest {
     Resume,
     /// Stop the VM and exit the VMM process.
     Shutdown,
-    /// Fork the running VM into one child per directory (which must exist).
+    /// Fork the running VM into one child per directory (which must exist). A VM with a
+    /// network device needs one tap fd per child, passed with the request (SCM_RIGHTS).
     Branch { children: Vec<std::path::PathBuf> },
+    /// Make one system call outside the seccomp allow-list (a harmless `syslog` size query):
+    /// the self-test showing that a jailed VMM dies and is reported as killed by seccomp. An
+    /// unjailed VMM answers with an error.
+    ProbeSeccomp,
     /// Pause, write all guest RAM to `path`, resume: the classic file-snapshot method, kept as
     /// the baseline BRANCH is measured against.
     DumpMemory { path: std::path::PathBuf },
@@ -98,13 +104,29 @@ pub enum ControlError {
 
 /// Sends one request and waits for its response.
 pub fn request(socket: &Path, req: &ControlRequest, timeout: Duration) -> Result<ControlResponse, ControlError> {
+    request_with_fds(socket, req, &[], timeout)
+}
+
+/// Sends one request with `fds` attached (SCM_RIGHTS) and waits for its response.
+pub fn request_with_fds(
+    socket: &Path,
+    req: &ControlRequest,
+    fds: &[BorrowedFd<'_>],
+    timeout: Duration,
+) -> Result<ControlResponse, ControlError> {
     let mut stream = UnixStream::connect(socket)
         .map_err(|source| ControlError::Connect { path: socket.display().to_string(), source })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
     line.push('\n');
-    stream.write_all(line.as_bytes())?;
+    if fds.is_empty() {
+        stream.write_all(line.as_bytes())?;
+    } else {
+        // The fds ride on the first chunk; the rest of the line follows as plain bytes.
+        let sent = forkd_net::fdpass::send_with_fds(stream.as_fd(), line.as_bytes(), fds)?;
+        stream.write_all(&line.as_bytes()[sent..])?;
+    }
     let mut reader = BufReader::new(stream);
     let mut resp = String::new();
     reader.read_line(&mut resp)?;
@@ -122,11 +144,31 @@ pub fn request(socket: &Path, req: &ControlRequest, timeout: Duration) -> Result
 /// Reads one request from a freshly accepted connection (bounded in size and time, so a stuck
 /// or hostile client cannot stall the VMM's event loop for long).
 pub fn read_request(stream: &UnixStream) -> Result<ControlRequest, String> {
+    read_request_with_fds(stream).map(|(req, _)| req)
+}
+
+/// Like [`read_request`], also returning the fds that came with the request.
+pub fn read_request_with_fds(stream: &UnixStream) -> Result<(ControlRequest, Vec<OwnedFd>), String> {
+    const MAX: usize = 64 * 1024;
     stream.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    let mut reader = BufReader::new(std::io::Read::take(stream, 64 * 1024));
-    reader.read_line(&mut line).map_err(|e| format!("reading request: {e}"))?;
-    serde_json::from_str(line.trim()).map_err(|e| format!("invalid request: {e}"))
+    let mut line = Vec::new();
+    let mut fds = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !line.contains(&b'\n') {
+        let (n, got) =
+            forkd_net::fdpass::recv_with_fds(stream.as_fd(), &mut buf).map_err(|e| format!("reading request: {e}"))?;
+        fds.extend(got);
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..n]);
+        if line.len() > MAX {
+            return Err("request too long".into());
+        }
+    }
+    let text = String::from_utf8_lossy(&line);
+    let req = serde_json::from_str(text.trim()).map_err(|e| format!("invalid request: {e}"))?;
+    Ok((req, fds))
 }
 
 /// Writes one response line.

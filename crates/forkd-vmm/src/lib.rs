@@ -46,6 +46,8 @@ pub enum VmmError {
     State(String),
     #[error("device: {0}")]
     Device(String),
+    #[error("jail: {0}")]
+    Jail(String),
     #[error("root disk: {0}")]
     Disk(String),
     #[error("{what}: {source}")]

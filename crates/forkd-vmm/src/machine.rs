@@ -13,9 +13,10 @@ use crate::irq::IrqLine;
 use crate::memory::{create_guest_memory, GuestMemory};
 use crate::vcpu::{RunControl, Vcpu, VcpuContext, VcpuSet};
 use crate::VmmError;
-use forkd_virtio::{BlockDevice, DeviceRewire, RngDevice, VirtioDevice, VsockDevice};
+use forkd_virtio::{BlockDevice, DeviceRewire, NetDevice, RngDevice, VirtioDevice, VsockDevice};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -26,6 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub enum DeviceKind {
     RootDisk,
     Vsock,
+    Net,
     Rng,
 }
 
@@ -134,6 +136,15 @@ impl Machine {
                 .map_err(|e| VmmError::Device(format!("vsock socket {}: {e}", vsock.uds_path.display())))?;
             devices.push((DeviceKind::Vsock, Box::new(dev)));
         }
+        if let Some(net) = &config.net {
+            if net.tap_fd < 3 {
+                return Err(VmmError::Device(format!("tap fd {} is not an inherited descriptor", net.tap_fd)));
+            }
+            // SAFETY: the launcher opened the tap and left it open at this number for us
+            // alone; nothing else in this process owns or closes it.
+            let tap = unsafe { OwnedFd::from_raw_fd(net.tap_fd) };
+            devices.push((DeviceKind::Net, Box::new(NetDevice::new(tap, net.mac.octets()))));
+        }
         if config.rng {
             devices.push((DeviceKind::Rng, Box::new(RngDevice::new())));
         }
@@ -205,6 +216,11 @@ impl Machine {
         Ok(())
     }
 
+    /// True when the VM has a network device (BRANCH then needs a tap per child).
+    pub fn has_net(&self) -> bool {
+        self.virtio.iter().any(|(kind, _)| *kind == DeviceKind::Net)
+    }
+
     pub fn vcpu_count(&self) -> u8 {
         self.vcpu_count
     }
@@ -229,7 +245,12 @@ impl Machine {
     /// Makes this (forked) process a new sandbox around the guest memory it inherited: a
     /// fresh KVM VM, the devices rewired to new fds and paths, vCPUs restored from `frozen`.
     /// Call only in a child of `fork()`, where no other thread of the parent exists.
-    pub fn rebuild_in_child(self, frozen: &FrozenState, child: &ChildPaths) -> Result<Machine, VmmError> {
+    pub fn rebuild_in_child(
+        self,
+        frozen: &FrozenState,
+        child: &ChildPaths,
+        mut tap: Option<OwnedFd>,
+    ) -> Result<Machine, VmmError> {
         let Machine {
             kvm,
             vm,
@@ -272,6 +293,9 @@ impl Machine {
                     DeviceRewire::Block { backend: Box::new(SharedDisk(shared)) }
                 }
                 DeviceKind::Vsock => DeviceRewire::Vsock { uds_path: child.vsock_socket.clone() },
+                DeviceKind::Net => DeviceRewire::Net {
+                    tap: tap.take().ok_or_else(|| VmmError::Device("no tap for the child's network device".into()))?,
+                },
                 DeviceKind::Rng => DeviceRewire::Keep,
             };
             lock(&slot.transport)

@@ -22,7 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 /// A subscriber as the event loop stores it.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-type Pending = Arc<Mutex<VecDeque<(UnixStream, ControlRequest)>>>;
+type Pending = Arc<Mutex<VecDeque<(UnixStream, ControlRequest, Vec<std::os::fd::OwnedFd>)>>>;
 
 /// Accepts control connections and queues their requests for the main loop.
 struct ControlListener {
@@ -35,8 +35,8 @@ impl MutEventSubscriber for ControlListener {
         while let Ok((stream, _)) = self.listener.accept() {
             // Accepted sockets inherit non-blocking mode; requests are read with a timeout.
             let _ = stream.set_nonblocking(false);
-            match control::read_request(&stream) {
-                Ok(req) => crate::bus::lock(&self.pending).push_back((stream, req)),
+            match control::read_request_with_fds(&stream) {
+                Ok((req, fds)) => crate::bus::lock(&self.pending).push_back((stream, req, fds)),
                 Err(e) => control::write_response(&stream, &ControlResponse::error(e)),
             }
         }
@@ -117,6 +117,11 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     if let Some(dir) = config.control_socket.parent() {
         name_process(dir);
     }
+    if let Some(jail) = &config.jail {
+        // Before the VM exists: every thread the VMM starts later inherits the jail.
+        let done = forkd_jail::apply(jail).map_err(|e| VmmError::Jail(e.to_string()))?;
+        tracing::info!("jailed: {}", done.join(", "));
+    }
     let started = Instant::now();
     let machine = Machine::boot(config)?;
     tracing::info!("booted in {:?}", started.elapsed());
@@ -159,7 +164,7 @@ fn serve(mut machine: Machine, mut config: VmConfig, listener: UnixListener) -> 
             return Ok(Served::Done(outcome));
         }
         let requests: Vec<_> = crate::bus::lock(&pending).drain(..).collect();
-        for (stream, req) in requests {
+        for (stream, req, fds) in requests {
             let resp = match req {
                 ControlRequest::Status => ControlResponse {
                     status: Some(status(&config, &machine, started, paused)),
@@ -180,6 +185,11 @@ fn serve(mut machine: Machine, mut config: VmConfig, listener: UnixListener) -> 
                     finish(machine, &config);
                     return Ok(Served::Done(Outcome::Stopped("shutdown requested".into())));
                 }
+                ControlRequest::ProbeSeccomp => {
+                    // SAFETY: SYSLOG_ACTION_SIZE_BUFFER (10) only reads the log buffer size.
+                    let rc = unsafe { libc::syscall(libc::SYS_syslog, 10, std::ptr::null_mut::<libc::c_char>(), 0) };
+                    ControlResponse::error(format!("the seccomp filter is not active (syslog returned {rc})"))
+                }
                 ControlRequest::DumpMemory { path } => match dump_memory(&machine, &path) {
                     Ok(dump) => ControlResponse { dump: Some(dump), ..ControlResponse::ok() },
                     Err(e) => ControlResponse::error(format!("dumping memory to {}: {e}", path.display())),
@@ -192,7 +202,7 @@ fn serve(mut machine: Machine, mut config: VmConfig, listener: UnixListener) -> 
                         );
                         continue;
                     }
-                    match branch::branch(machine, &config, &children) {
+                    match branch::branch(machine, &config, &children, fds) {
                         BranchSide::Child(machine, config) => {
                             // The parent answers the request; this copy of the stream just closes.
                             drop(stream);

@@ -171,3 +171,33 @@ fn corrupt_images_are_refused_with_the_file_named() {
     assert!(err.to_string().contains("rootfs.ext4"), "{err}");
     assert!(controller.list().is_empty());
 }
+
+/// Guest processes must never see each other's AVX registers. Guest user mode runs with the
+/// host's XCR0 on emulating hosts, so this only holds if the kernel's XSAVE/XRSTOR (completed
+/// by the VMM there) save and restore the full extended state.
+#[test]
+fn guest_processes_keep_their_own_vector_registers() {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if !cpuinfo.split_whitespace().any(|flag| flag == "avx2") {
+        eprintln!("host CPU has no AVX2; the vector-state check does not apply");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("vector_state");
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/vector_state.c");
+    let gcc = std::process::Command::new("gcc")
+        .args(["-O2", "-mavx2", "-static", "-o"])
+        .arg(&binary)
+        .arg(source)
+        .status()
+        .expect("gcc (installed by scripts/setup.sh) builds the test guest program");
+    assert!(gcc.success(), "gcc failed to build {source}");
+
+    let id = fresh();
+    let program = std::fs::read(&binary).unwrap();
+    controller().write_file(&id, "/bin/vector_state", 0o755, &mut std::io::Cursor::new(program)).unwrap();
+    let (outcome, stdout, stderr) = sh(&id, "for i in 1 2 3 4; do /bin/vector_state 500 & done; wait");
+    assert_eq!(outcome.status, ExitStatus::Code(0), "{stderr}");
+    assert_eq!(stdout.matches("corrupted 0").count(), 4, "vector registers leaked between processes:\n{stdout}");
+    controller().destroy(&id).unwrap();
+}

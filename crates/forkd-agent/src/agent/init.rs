@@ -158,9 +158,157 @@ pub fn loopback_up() {
     }
 }
 
+/// The guest network from the kernel command line: `forkd.net=IP/PREFIX,GATEWAY` and an
+/// optional `forkd.dns=IP`. Absent when the sandbox has no NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetParams {
+    pub ip: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+    pub dns: Option<std::net::Ipv4Addr>,
+}
+
+/// Parses `forkd.net=` / `forkd.dns=` out of a kernel command line.
+pub fn parse_net_cmdline(cmdline: &str) -> Option<NetParams> {
+    let mut net = None;
+    let mut dns = None;
+    for word in cmdline.split_whitespace() {
+        if let Some(v) = word.strip_prefix("forkd.net=") {
+            let (addr, gw) = v.split_once(',')?;
+            let (ip, prefix) = addr.split_once('/')?;
+            let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
+            net = Some((ip.parse().ok()?, prefix, gw.parse().ok()?));
+        } else if let Some(v) = word.strip_prefix("forkd.dns=") {
+            dns = v.parse().ok();
+        }
+    }
+    net.map(|(ip, prefix, gateway)| NetParams { ip, prefix, gateway, dns })
+}
+
+fn sockaddr_in(ip: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(ip.octets()) },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; this is how the ioctl ABI wants it.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Configures `eth0` (address, netmask, up) and the default route with ioctls: no `ip`
+/// binary needed, and nothing to fork (every guest syscall is costly on emulating hosts).
+pub fn configure_eth0(net: &NetParams) -> Result<(), String> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", io::Error::last_os_error()));
+    }
+    let ifreq = || {
+        // SAFETY: ifreq is plain old data; zero is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(b"eth0\0") {
+            *dst = *src as libc::c_char;
+        }
+        ifr
+    };
+    let mask = if net.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(net.prefix)) };
+    let steps: [(libc::c_ulong, &str, libc::ifreq); 3] = [
+        (libc::SIOCSIFADDR, "address", {
+            let mut r = ifreq();
+            r.ifr_ifru.ifru_addr = sockaddr_in(net.ip);
+            r
+        }),
+        (libc::SIOCSIFNETMASK, "netmask", {
+            let mut r = ifreq();
+            r.ifr_ifru.ifru_netmask = sockaddr_in(std::net::Ipv4Addr::from(mask));
+            r
+        }),
+        (libc::SIOCSIFFLAGS, "flags", {
+            let mut r = ifreq();
+            r.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+            r
+        }),
+    ];
+    let mut result = Ok(());
+    for (req, what, ifr) in steps {
+        // SAFETY: an interface ioctl with a valid ifreq.
+        if unsafe { libc::ioctl(fd, req as _, &ifr) } != 0 {
+            result = Err(format!("eth0 {what}: {}", io::Error::last_os_error()));
+            break;
+        }
+    }
+    if result.is_ok() {
+        // SAFETY: rtentry is plain old data; zero is a valid value.
+        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+        rt.rt_gateway = sockaddr_in(net.gateway);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        // SAFETY: SIOCADDRT with a valid rtentry.
+        if unsafe { libc::ioctl(fd, libc::SIOCADDRT as _, &rt) } != 0 {
+            result = Err(format!("default route: {}", io::Error::last_os_error()));
+        }
+    }
+    // SAFETY: closing the fd we opened.
+    unsafe { libc::close(fd) };
+    if let (Ok(()), Some(dns)) = (&result, net.dns) {
+        let _ = std::fs::write("/etc/resolv.conf", format!("nameserver {dns}\n"));
+    }
+    result
+}
+
+/// Brings up eth0 when the command line asks for it.
+pub fn network_up() {
+    let Ok(cmdline) = std::fs::read_to_string("/proc/cmdline") else {
+        return;
+    };
+    if let Some(net) = parse_net_cmdline(&cmdline) {
+        if let Err(e) = configure_eth0(&net) {
+            log_error(&format!("configuring the network: {e}"));
+        }
+        warm_tcp_connect();
+    }
+}
+
+/// Makes one TCP connection over loopback, so the guest kernel pays its one-time cost of the
+/// first outgoing connection now, at boot, rather than in the first program that connects.
+///
+/// That first `connect` fills the kernel's 256 KiB port-selection table (`table_perturb` in
+/// `inet_hash_connect`) with random bytes. Where guest kernel mode is emulated this takes
+/// seconds (measured 6-9 s), long enough for `nc -w 3` or `wget -T` to give up on a perfectly
+/// working network. Done once per boot: BRANCH children and template forks inherit the filled
+/// table with the rest of guest memory.
+pub fn warm_tcp_connect() {
+    let Ok(listener) = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)) else {
+        return;
+    };
+    if let Ok(addr) = listener.local_addr() {
+        let _ = std::net::TcpStream::connect(addr);
+    }
+}
+
 /// Everything PID 1 does before serving.
 pub fn setup() {
     mount_all();
     set_hostname("forkd");
     loopback_up();
+    network_up();
+}
+
+#[cfg(test)]
+mod net_tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_network_words() {
+        let p = parse_net_cmdline("console=ttyS0 forkd.net=172.16.0.2/30,172.16.0.1 forkd.dns=192.0.2.53 rw").unwrap();
+        assert_eq!(p.ip, std::net::Ipv4Addr::new(172, 16, 0, 2));
+        assert_eq!(p.prefix, 30);
+        assert_eq!(p.gateway, std::net::Ipv4Addr::new(172, 16, 0, 1));
+        assert_eq!(p.dns, Some(std::net::Ipv4Addr::new(192, 0, 2, 53)));
+        assert_eq!(parse_net_cmdline("console=ttyS0"), None);
+        assert_eq!(parse_net_cmdline("forkd.net=garbage"), None);
+        assert_eq!(parse_net_cmdline("forkd.net=1.2.3.4/40,1.2.3.1"), None);
+    }
 }

@@ -89,3 +89,33 @@ pub fn run(dirs: &Dirs, cmd: ImageCommand, verbose: bool) -> anyhow::Result<Exit
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `forkd images`: the images new sandboxes can use, as the daemon (or this host) sees them.
+pub fn images(dirs: &Dirs, json: bool, verbose: bool) -> anyhow::Result<ExitCode> {
+    let api = crate::api::Api::open(dirs, verbose)?;
+    let images = api.images(dirs)?;
+    if json {
+        let list: Vec<_> = images
+            .iter()
+            .map(|i| {
+                serde_json::json!({
+                    "name": i.name, "kind": i.kind, "size_bytes": i.size_bytes, "sha256": i.sha256,
+                    "created_unix": i.created_unix,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        println!("{:<20} {:<10} {:>10}  SHA256", "NAME", "KIND", "SIZE");
+        for i in &images {
+            println!(
+                "{:<20} {:<10} {:>8}Mi  {}",
+                i.name,
+                i.kind,
+                i.size_bytes >> 20,
+                &i.sha256[..i.sha256.len().min(16)]
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,5 +1,6 @@
 //! One module per command group; each parses nothing and prints what the library returns.
 
+pub mod daemon;
 pub mod image;
 pub mod kernel;
 pub mod run;

@@ -34,7 +34,7 @@ pub fn run(dirs: &Dirs, args: RunArgs, verbose: bool) -> anyhow::Result<ExitCode
     let controller = open_controller(dirs, verbose)?;
     let template = match (&args.from, args.no_template) {
         (Some(name), _) => Some(name.clone()),
-        (None, false) if controller.template(DEFAULT_TEMPLATE).is_some() => Some(DEFAULT_TEMPLATE.to_string()),
+        (None, false) => controller.template(DEFAULT_TEMPLATE)?.map(|_| DEFAULT_TEMPLATE.to_string()),
         _ => None,
     };
     let created = match &template {

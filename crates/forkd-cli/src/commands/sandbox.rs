@@ -3,21 +3,17 @@
 use crate::progress::Bar;
 use anyhow::{bail, Context};
 use clap::Args;
-use forkd_core::{
-    size, BranchOptions, Controller, ExecRequest, OutputStream, SandboxId, SandboxInfo, SandboxSpec, SandboxState,
-};
+use forkd_core::{size, BranchOptions, ExecRequest, OutputStream, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
 use forkd_guest::dirs::Dirs;
-use forkd_vmm::backend::{KvmBackend, KvmOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-/// The controller over this host's state directory (shared with other `forkd` processes).
-pub fn open_controller(dirs: &Dirs, verbose: bool) -> anyhow::Result<Controller> {
-    let backend = KvmBackend::new(dirs.clone(), KvmOptions { console_echo: verbose, ..Default::default() })?;
-    Ok(Controller::open(Arc::new(backend), &dirs.state, "cli")?)
+/// The sandbox API: the daemon when one answers on the socket, else an embedded controller
+/// over this host's state directory (shared with other `forkd` processes).
+pub fn open_controller(dirs: &Dirs, verbose: bool) -> anyhow::Result<crate::api::Api> {
+    crate::api::Api::open(dirs, verbose)
 }
 
 fn parse_id(text: &str) -> anyhow::Result<SandboxId> {
@@ -39,20 +35,68 @@ pub struct SpecArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
+    /// Guest network: `none` (no NIC) or `nat` (own namespace, NAT, egress denied unless --allow).
+    #[arg(long, default_value = "none", value_name = "none|nat")]
+    pub network: String,
+    /// Allow egress to CIDR[:PORT] (repeatable; `allow-all` allows everything but the host
+    /// and other sandboxes). Needs --network nat.
+    #[arg(long = "allow", value_name = "CIDR[:PORT]")]
+    pub allow: Vec<String>,
+    /// Memory limit of the sandbox's VMM (guest RAM it touched plus its own), e.g. 512M;
+    /// default: guest memory + 256M.
+    #[arg(long, value_name = "SIZE")]
+    pub memory_limit: Option<String>,
+    /// CPU time limit in CPUs, e.g. 0.5 (default: unlimited).
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Disk throughput limit, bytes per second, read and write each (e.g. 10M).
+    #[arg(long, value_name = "BYTES")]
+    pub io_bps: Option<String>,
+    /// Disk operations per second, read and write each.
+    #[arg(long, value_name = "N")]
+    pub io_iops: Option<u64>,
+    /// Most threads/processes of the sandbox's VMM (its cgroup's pids.max).
+    #[arg(long, value_name = "N")]
+    pub pids_limit: Option<u64>,
 }
 
 impl SpecArgs {
     pub fn spec(&self) -> anyhow::Result<SandboxSpec> {
+        let io_bps = self.io_bps.as_deref().map(io_bytes).transpose()?;
         let spec = SandboxSpec {
             image: self.image.clone(),
             kernel: self.kernel.clone(),
             memory_mib: size::parse_mib("memory", &self.memory)?,
             vcpus: self.vcpus,
+            network: forkd_core::NetworkPolicy { mode: self.network.parse()?, allow: self.allow.clone() },
+            limits: forkd_core::ResourceLimits {
+                memory_mib: self.memory_limit.as_deref().map(|m| size::parse_mib("memory-limit", m)).transpose()?,
+                cpus: self.cpus,
+                io_bps,
+                io_iops: self.io_iops,
+                pids: self.pids_limit,
+            },
             ..Default::default()
         };
         spec.validate()?;
         Ok(spec)
     }
+}
+
+/// `10M`-style sizes in bytes (K, M, G suffixes, powers of 1024) or plain bytes.
+fn io_bytes(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| anyhow::anyhow!("--io-bps {text:?}: use bytes per second, e.g. 10485760 or 10M"))
 }
 
 /// Options of a command to run, shared by `exec` and `run`.
@@ -93,7 +137,7 @@ impl CommandArgs {
 
 /// Runs `args` in sandbox `id`, passing output through; returns the shell-style status.
 pub fn exec_passthrough(
-    controller: &Controller,
+    controller: &crate::api::Api,
     id: &SandboxId,
     args: &CommandArgs,
     cancel: &forkd_core::CancelToken,
@@ -178,7 +222,8 @@ pub struct BranchArgs {
 pub fn branch(dirs: &Dirs, args: BranchArgs, verbose: bool) -> anyhow::Result<ExitCode> {
     let controller = open_controller(dirs, verbose)?;
     let result = controller.branch(&parse_id(&args.id)?, &BranchOptions { count: args.count })?;
-    let pause_ms = result.pause.as_secs_f64() * 1000.0;
+    // Microsecond resolution is what the VMM measures; do not print float noise beyond it.
+    let pause_ms = (result.pause.as_secs_f64() * 1e6).round() / 1e3;
     if args.json {
         let children: Vec<_> = result.children.iter().map(|c| serde_json::json!({ "id": c.id })).collect();
         println!("{}", serde_json::json!({ "children": children, "pause_ms": pause_ms }));
@@ -201,7 +246,7 @@ fn state_text(info: &SandboxInfo) -> String {
 pub fn ls(dirs: &Dirs, json: bool, verbose: bool) -> anyhow::Result<ExitCode> {
     let controller = open_controller(dirs, verbose)?;
     let rows: Vec<(SandboxInfo, Option<forkd_core::MemoryUsage>)> =
-        controller.list().into_iter().map(|i| (i.clone(), controller.memory_usage(&i.id).ok())).collect();
+        controller.list()?.into_iter().map(|i| (i.clone(), controller.memory_usage(&i.id).ok())).collect();
     if json {
         let value: Vec<_> = rows
             .iter()
@@ -240,7 +285,9 @@ pub fn inspect(dirs: &Dirs, id: &str, verbose: bool) -> anyhow::Result<ExitCode>
     let id = parse_id(id)?;
     let info = controller.get(&id)?;
     let memory = controller.memory_usage(&id).ok();
-    println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "sandbox": info, "memory": memory }))?);
+    let resources = controller.resource_usage(&id).ok().flatten();
+    let report = serde_json::json!({ "sandbox": info, "memory": memory, "resources": resources });
+    println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -287,7 +334,7 @@ pub fn cp(dirs: &Dirs, src: &str, dst: &str, verbose: bool) -> anyhow::Result<Ex
                 }
                 Err(e) => {
                     let _ = std::fs::remove_file(&tmp);
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
@@ -299,7 +346,7 @@ pub fn cp(dirs: &Dirs, src: &str, dst: &str, verbose: bool) -> anyhow::Result<Ex
 pub fn rm(dirs: &Dirs, ids: &[String], all: bool, verbose: bool) -> anyhow::Result<ExitCode> {
     let controller = open_controller(dirs, verbose)?;
     let targets: Vec<SandboxId> = if all {
-        controller.list().into_iter().map(|i| i.id).collect()
+        controller.list()?.into_iter().map(|i| i.id).collect()
     } else {
         ids.iter().map(|s| parse_id(s)).collect::<Result<_, _>>()?
     };

@@ -6,6 +6,8 @@ use clap::Subcommand;
 use forkd_guest::dirs::Dirs;
 use std::process::ExitCode;
 
+// Parsed once per process: the size of the `Create` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum TemplateCommand {
     /// Boot a sandbox and keep it as a template; `forkd create --from NAME` and
@@ -38,7 +40,7 @@ pub fn run(dirs: &Dirs, cmd: TemplateCommand, verbose: bool) -> anyhow::Result<E
             println!("template {name} ready ({})", info.id);
         }
         TemplateCommand::Ls { json } => {
-            let templates: Vec<_> = controller.list().into_iter().filter(|i| i.template.is_some()).collect();
+            let templates: Vec<_> = controller.list()?.into_iter().filter(|i| i.template.is_some()).collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&templates)?);
             } else {
@@ -56,7 +58,7 @@ pub fn run(dirs: &Dirs, cmd: TemplateCommand, verbose: bool) -> anyhow::Result<E
         }
         TemplateCommand::Rm { name } => {
             let info = controller
-                .template(&name)
+                .template(&name)?
                 .ok_or_else(|| anyhow::anyhow!("no template named `{name}` (`forkd template ls`)"))?;
             controller.destroy(&info.id)?;
             println!("removed template {name}");

@@ -475,8 +475,29 @@ fn transport_reset_drops_connections_and_notifies_the_guest() {
     stream.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
     assert_eq!(g.connection_count(), 0);
-    // The listener keeps working.
+    // The listener keeps working once the guest has handled the event (it posts a new buffer).
+    post_event_buffer(&mut g);
     g.establish(1235);
+}
+
+#[test]
+fn new_connections_wait_until_the_guest_has_handled_the_reset() {
+    let mut g = guest();
+    post_event_buffer(&mut g);
+    g.driver.transport.lock().unwrap().with_device(|vsock: &mut VsockDevice| vsock.transport_reset()).unwrap();
+    g.driver.run();
+    assert_eq!(g.driver.used(EVENT), vec![(0, 4)]);
+    // A client connecting now must not reach the guest: the guest may handle rx before the
+    // event and would then reset this new connection together with the stale ones.
+    let mut stream = client(&g.path);
+    stream.write_all(b"CONNECT 1234\n").unwrap();
+    assert!(g.recv().is_empty(), "connection request delivered before the guest handled the reset");
+    // The guest hands an event buffer back after resetting its sockets; the request follows.
+    post_event_buffer(&mut g);
+    let (request, _) = g.recv_one();
+    assert_eq!((request.op, request.dst_port), (OP_REQUEST, 1234));
+    g.send(packet(OP_RESPONSE, 1234, request.src_port), &[]);
+    assert_eq!(read_line(&stream), format!("OK {}\n", request.src_port));
 }
 
 #[test]
@@ -511,6 +532,7 @@ fn rewire_after_fork_listens_on_the_new_path_and_resets_the_guest() {
     assert_eq!(g.driver.read_mem(event, 4), EVENT_TRANSPORT_RESET.to_le_bytes());
     assert!(g.driver.take_interrupt());
     assert_eq!(g.connection_count(), 0);
+    post_event_buffer(&mut g);
     let (mut stream, host_port) = g.establish(1234);
     stream.write_all(b"child").unwrap();
     let (rw, payload) = g.recv_one();

@@ -55,6 +55,11 @@ pub struct VsockDevice {
     muxer: Muxer,
     /// A TRANSPORT_RESET event waits for an event-queue buffer.
     reset_event_pending: bool,
+    /// The reset event was delivered and the guest has not handled it yet: the event queue's
+    /// available index at delivery. The guest hands the buffer back (a new available entry) only
+    /// after resetting its sockets, and handles rx and event queues in separate work items, so
+    /// a connection delivered before that would be reset along with the stale ones and hang.
+    awaiting_reset_ack: Option<std::num::Wrapping<u16>>,
     /// The tx queue was left unread because too many control packets were queued.
     tx_blocked: bool,
     payload: Vec<u8>,
@@ -72,6 +77,7 @@ impl VsockDevice {
             active: false,
             muxer,
             reset_event_pending: false,
+            awaiting_reset_ack: None,
             tx_blocked: false,
             payload: Vec::new(),
         })
@@ -111,6 +117,21 @@ impl VsockDevice {
         self.muxer.close_all();
         self.tx_blocked = false;
         self.reset_event_pending = true;
+        self.awaiting_reset_ack = None;
+    }
+
+    /// True once the guest has handed back an event buffer after our reset event.
+    fn check_reset_ack(&mut self, ctx: &mut DeviceContext) {
+        let Some(at_delivery) = self.awaiting_reset_ack else {
+            return;
+        };
+        let mem = ctx.mem();
+        let Some(queue) = ctx.queue(EVENT_QUEUE) else {
+            return;
+        };
+        if queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|now| now != at_delivery) {
+            self.awaiting_reset_ack = None;
+        }
     }
 
     /// Moves packets both ways until no more progress is possible.
@@ -119,6 +140,7 @@ impl VsockDevice {
             return;
         }
         let mut used_any = self.deliver_event(ctx);
+        self.check_reset_ack(ctx);
         loop {
             let tx_used = self.process_tx(ctx);
             let rx_used = self.deliver_rx(ctx);
@@ -166,7 +188,7 @@ impl VsockDevice {
     }
 
     fn deliver_rx(&mut self, ctx: &mut DeviceContext) -> usize {
-        if self.reset_event_pending {
+        if self.reset_event_pending || self.awaiting_reset_ack.is_some() {
             // New connections must not reach the guest before it has reset the old ones.
             return 0;
         }
@@ -199,6 +221,7 @@ impl VsockDevice {
         if let Err(err) = queue.add_used(mem, buffers.head_index(), used_len) {
             tracing::warn!(?err, "vsock cannot return an event descriptor");
         }
+        self.awaiting_reset_ack = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire).ok();
         self.reset_event_pending = false;
         true
     }
@@ -250,6 +273,7 @@ impl VirtioDevice for VsockDevice {
         self.driver_features = 0;
         // A fresh driver has no connections to reset.
         self.reset_event_pending = false;
+        self.awaiting_reset_ack = None;
         self.tx_blocked = false;
     }
 
@@ -292,6 +316,7 @@ impl VirtioDevice for VsockDevice {
                 self.tx_blocked = false;
                 // The guest's connections now point at host sockets we do not own.
                 self.reset_event_pending = self.active;
+                self.awaiting_reset_ack = None;
                 Ok(())
             }
             other => Err(DeviceError::RewireMismatch { device: "vsock", given: other.kind() }),

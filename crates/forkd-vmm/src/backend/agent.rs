@@ -27,9 +27,13 @@ pub fn ping(vsock: &Path, timeout: Duration) -> Result<()> {
 
 /// Gives the guest fresh entropy and forces its CRNG to reseed (after BRANCH, so children
 /// never share random streams). Also proves the agent answers.
-pub fn reseed(vsock: &Path, timeout: Duration) -> Result<()> {
-    let client = AgentAddr::vsock(vsock, AGENT_PORT).connect(timeout).map_err(map_error)?;
-    client.get_ref().set_read_timeout(Some(timeout)).map_err(|e| Error::Unavailable(e.to_string()))?;
+///
+/// `reply_timeout` applies once connected: the agent is then known to be alive, and on hosts that
+/// emulate guest kernel code many children reseeding at once each need seconds of wall time;
+/// giving up and reconnecting would only add work for the guest.
+pub fn reseed(vsock: &Path, connect_timeout: Duration, reply_timeout: Duration) -> Result<()> {
+    let client = AgentAddr::vsock(vsock, AGENT_PORT).connect(connect_timeout).map_err(map_error)?;
+    client.get_ref().set_read_timeout(Some(reply_timeout)).map_err(|e| Error::Unavailable(e.to_string()))?;
     let mut entropy = [0u8; 64];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut entropy);
     client.reseed(&entropy).map_err(map_error)

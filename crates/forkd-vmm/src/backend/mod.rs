@@ -6,18 +6,22 @@
 //! copy-on-write layers). Destroying the sandbox removes the directory.
 
 mod agent;
+pub mod isolation;
 pub mod process;
 
-use crate::config::{DiskConfig, VmConfig, VsockConfig};
+use crate::config::{DiskConfig, NetDeviceConfig, VmConfig, VsockConfig};
 use crate::control::{self, ControlRequest};
 use crate::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use forkd_cgroup::SandboxCgroup;
 use forkd_core::backend::{
-    BranchOptions, BranchedChildren, DirEntry, Liveness, MemoryUsage, RuntimeHandle, SandboxBackend,
+    BranchOptions, BranchedChildren, DirEntry, Liveness, MemoryUsage, ResourceUsage, RuntimeHandle, SandboxBackend,
 };
 use forkd_core::{CancelToken, Error, ExecOutcome, ExecRequest, ExecSink, Result, SandboxId, SandboxSpec};
 use forkd_guest::dirs::Dirs;
+use forkd_net::SandboxNetwork;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,6 +43,12 @@ pub struct VmmRuntime {
     pub vsock_socket: PathBuf,
     pub console_log: PathBuf,
     pub vmm_log: PathBuf,
+    /// The sandbox's network namespace, tap and veth (mode `nat`), or nothing (mode `none`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<SandboxNetwork>,
+    /// The cgroup holding the VMM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<SandboxCgroup>,
 }
 
 impl VmmRuntime {
@@ -142,10 +152,20 @@ impl KvmBackend {
         kernel: PathBuf,
         system_map: Option<PathBuf>,
         rootfs: PathBuf,
+        net: &SandboxNetwork,
     ) -> VmConfig {
+        let jail = isolation::jail_enabled()
+            .then(|| isolation::jail(&self.dirs.sandboxes(), &[Some(&kernel), system_map.as_deref(), Some(&rootfs)]));
+        let mut cmdline =
+            format!("{} root=/dev/vda rw init=/sbin/forkd-agent", forkd_guest::kernel::cmdline_for_host());
+        let words = net.guest_cmdline();
+        if !words.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&words);
+        }
         VmConfig {
             kernel,
-            cmdline: format!("{} root=/dev/vda rw init=/sbin/forkd-agent", forkd_guest::kernel::cmdline_for_host()),
+            cmdline,
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
             cpu_profile: None,
@@ -156,11 +176,19 @@ impl KvmBackend {
             rng: true,
             control_socket: dir.join("control.sock"),
             system_map,
+            net: net.nic.as_ref().map(|nic| NetDeviceConfig { tap_fd: isolation::TAP_FD, mac: nic.guest_mac }),
+            jail,
         }
     }
 
     /// Starts `forkd-vmm` for the config in `dir` and waits for the guest agent.
-    fn launch(&self, dir: &Path, config: &VmConfig) -> Result<VmmRuntime> {
+    fn launch(
+        &self,
+        dir: &Path,
+        config: &VmConfig,
+        net: &SandboxNetwork,
+        cgroup: &SandboxCgroup,
+    ) -> Result<VmmRuntime> {
         let io = |what: &str, e: std::io::Error| Error::internal(format!("{what}: {e}"));
         let config_path = dir.join("vm.json");
         let json = serde_json::to_vec_pretty(config).map_err(|e| Error::internal(e.to_string()))?;
@@ -168,16 +196,44 @@ impl KvmBackend {
         let vmm_log = dir.join("vmm.log");
         let log = std::fs::File::create(&vmm_log).map_err(|e| io("creating vmm.log", e))?;
         use std::os::unix::process::CommandExt;
-        let mut child = Command::new(&self.vmm_binary)
+        let tap: Option<OwnedFd> = match &net.nic {
+            Some(_) => Some(net.open_tap().map_err(isolation::net_error)?),
+            None => None,
+        };
+        let procs = isolation::procs_files(cgroup)?;
+        let tap_raw = tap.as_ref().map(|t| t.as_raw_fd());
+        let procs_raw: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+        let mut command = Command::new(&self.vmm_binary);
+        command
             .arg("--config")
             .arg(&config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             // Its own process group: a Ctrl-C at the CLI must not kill sandboxes the daemon owns.
-            .process_group(0)
-            .spawn()
-            .map_err(|e| io(&format!("starting {}", self.vmm_binary.display()), e))?;
+            .process_group(0);
+        // SAFETY: the closure only calls write(2) and dup2(2), which are async-signal-safe,
+        // on fds that stay open in the parent until spawn returns.
+        unsafe {
+            command.pre_exec(move || {
+                // Into the sandbox's cgroup before the VMM allocates anything.
+                for fd in &procs_raw {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                // The tap at a fixed number, without close-on-exec.
+                if let Some(fd) = tap_raw {
+                    if libc::dup2(fd, isolation::TAP_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|e| io(&format!("starting {}", self.vmm_binary.display()), e))?;
+        drop(tap);
+        drop(procs);
         let runtime = VmmRuntime {
             dir: dir.to_path_buf(),
             pid: child.id(),
@@ -187,6 +243,8 @@ impl KvmBackend {
             vsock_socket: dir.join("vsock.sock"),
             console_log: dir.join("console.log"),
             vmm_log,
+            net: Some(net.clone()),
+            cgroup: Some(cgroup.clone()),
         };
         let started = Instant::now();
         let deadline = started + self.options.boot_timeout;
@@ -222,9 +280,27 @@ impl KvmBackend {
     }
 }
 
+/// Why a VMM is gone: its cgroup's OOM kill ("killed by memory limit"), its own last error
+/// line (including "killed by seccomp: syscall N"), or just gone.
+fn exit_reason(rt: &VmmRuntime) -> String {
+    if let Some(cg) = &rt.cgroup {
+        if cg.oom_kills().unwrap_or(0) > 0 {
+            let limit = cg.limits.memory_bytes.map(|b| format!(" of {} MiB", b >> 20)).unwrap_or_default();
+            return format!("killed by memory limit{limit}: the VMM (guest RAM it touched plus its own) exceeded it");
+        }
+    }
+    match process::last_error(&rt.vmm_log) {
+        Some(line) => line,
+        None => "VMM process is gone".into(),
+    }
+}
+
 /// Waits for a fresh BRANCH child's agent and reseeds the guest's RNG.
 fn child_ready(rt: &VmmRuntime, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
+    // Back off between attempts: every failed connection costs the guest (emulated, on some
+    // hosts) kernel work, and a hundred children polling every few ms starve each other.
+    let mut pause = Duration::from_millis(5);
     loop {
         if !rt.alive() {
             let why = process::last_error(&rt.vmm_log).unwrap_or_else(|| {
@@ -233,14 +309,46 @@ fn child_ready(rt: &VmmRuntime, timeout: Duration) -> Result<()> {
             });
             return Err(Error::Unavailable(format!("branch child {} failed: {why}", rt.dir.display())));
         }
-        match agent::reseed(&rt.vsock_socket, Duration::from_secs(5)) {
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        match agent::reseed(&rt.vsock_socket, remaining.min(Duration::from_secs(10)), remaining) {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() >= deadline => {
                 return Err(Error::DeadlineExceeded(format!("branch child {} did not answer: {e}", rt.dir.display())))
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
         }
     }
+}
+
+/// Brings every child to a ready, reseeded agent, a few at a time. The children's guests only
+/// work while being made ready; where guest kernel code is emulated, a hundred of them working
+/// at once each get host time slices so short that timer interrupts eat most of every slice,
+/// and the whole batch takes far longer than working through it a few at a time.
+fn all_children_ready(runtimes: &[VmmRuntime], timeout: Duration) -> Vec<Result<()>> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get() * 2).min(runtimes.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<()>>>> = runtimes.iter().map(|_| Default::default()).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(rt) = runtimes.get(i) else { break };
+                let result = child_ready(rt, timeout);
+                if let Ok(mut slot) = results[i].lock() {
+                    *slot = Some(result);
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner().ok().flatten().unwrap_or_else(|| Err(Error::internal("child readiness thread panicked")))
+        })
+        .collect()
 }
 
 impl SandboxBackend for KvmBackend {
@@ -255,15 +363,25 @@ impl SandboxBackend for KvmBackend {
                 format!("{} MiB is out of range; use {MIN_MEMORY_MIB}M to {}G", spec.memory_mib, MAX_MEMORY_MIB / 1024),
             ));
         }
+        let net_spec = isolation::network_spec(spec)?;
         let (kernel, system_map) = self.kernel(spec)?;
         let rootfs = self.image(spec)?;
         let dir = self.dirs.sandboxes().join(id.as_str());
         std::fs::create_dir_all(dir.join("disk"))
             .map_err(|e| Error::internal(format!("creating {}: {e}", dir.display())))?;
-        let config = self.vm_config(&dir, spec, kernel, system_map, rootfs);
-        match self.launch(&dir, &config) {
+        let limits = isolation::cgroup_limits(spec, &dir.join("disk"));
+        let (net, cgroup) = match isolation::create(id.as_str(), &net_spec, &limits, &self.dirs.state) {
+            Ok(made) => made,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let config = self.vm_config(&dir, spec, kernel, system_map, rootfs, &net);
+        match self.launch(&dir, &config, &net, &cgroup) {
             Ok(rt) => Ok(rt.to_handle()),
             Err(e) => {
+                let _ = isolation::teardown(Some(&net), Some(&cgroup));
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(e)
             }
@@ -317,35 +435,100 @@ impl SandboxBackend for KvmBackend {
                 let _ = std::fs::remove_dir_all(d);
             }
         };
-        let request = ControlRequest::Branch { children: dirs.clone() };
-        let report = match control::request(&source.control_socket, &request, Duration::from_secs(120)) {
-            Ok(resp) => resp.branch.ok_or_else(|| Error::internal("the VMM answered a branch without a report")),
-            Err(e) => Err(Error::Unavailable(format!("branching: {e}"))),
+        // Every child gets its own network (same policy) and cgroup (same limits), made
+        // before the source pauses, so BRANCH's pause does not grow with them.
+        let mut isolated: Vec<(Option<SandboxNetwork>, Option<SandboxCgroup>)> = Vec::new();
+        let mut taps: Vec<OwnedFd> = Vec::new();
+        let undo = |isolated: &[(Option<SandboxNetwork>, Option<SandboxCgroup>)]| {
+            for (net, cg) in isolated {
+                let _ = isolation::teardown(net.as_ref(), cg.as_ref());
+            }
         };
-        let report = report.inspect_err(|_| cleanup(&dirs))?;
+        for id in children {
+            let made = (|| -> Result<(Option<SandboxNetwork>, Option<SandboxCgroup>, Option<OwnedFd>)> {
+                let net = match &source.net {
+                    Some(src) => {
+                        let net = SandboxNetwork::create(id.as_str(), &src.spec, &src.config)
+                            .map_err(isolation::net_error)?;
+                        let tap = match &net.nic {
+                            Some(_) => match net.open_tap() {
+                                Ok(t) => Some(t),
+                                Err(e) => {
+                                    let _ = net.destroy();
+                                    return Err(isolation::net_error(e));
+                                }
+                            },
+                            None => None,
+                        };
+                        (Some(net), tap)
+                    }
+                    None => (None, None),
+                };
+                let cgroup = match &source.cgroup {
+                    Some(src) => {
+                        match SandboxCgroup::create_like(id.as_str(), src, None, &isolation::cgroup_config()) {
+                            Ok(cg) => Some(cg),
+                            Err(e) => {
+                                let _ = isolation::teardown(net.0.as_ref(), None);
+                                return Err(isolation::cgroup_error(e));
+                            }
+                        }
+                    }
+                    None => None,
+                };
+                Ok((net.0, cgroup, net.1))
+            })();
+            match made {
+                Ok((net, cg, tap)) => {
+                    isolated.push((net, cg));
+                    taps.extend(tap);
+                }
+                Err(e) => {
+                    undo(&isolated);
+                    cleanup(&dirs);
+                    return Err(e);
+                }
+            }
+        }
+        let request = ControlRequest::Branch { children: dirs.clone() };
+        let tap_refs: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
+        let report =
+            match control::request_with_fds(&source.control_socket, &request, &tap_refs, Duration::from_secs(120)) {
+                Ok(resp) => resp.branch.ok_or_else(|| Error::internal("the VMM answered a branch without a report")),
+                Err(e) => Err(Error::Unavailable(format!("branching: {e}"))),
+            };
+        drop(tap_refs);
+        drop(taps);
+        let report = report.inspect_err(|_| {
+            undo(&isolated);
+            cleanup(&dirs);
+        })?;
         let runtimes: Vec<VmmRuntime> = report
             .children
             .iter()
-            .map(|c| VmmRuntime {
-                dir: c.dir.clone(),
-                pid: c.pid,
-                start_time: c.start_time,
-                config: c.dir.join("vm.json"),
-                control_socket: c.dir.join("control.sock"),
-                vsock_socket: c.dir.join("vsock.sock"),
-                console_log: c.dir.join("console.log"),
-                vmm_log: c.dir.join("vmm.log"),
+            .zip(isolated)
+            .map(|(c, (net, cgroup))| {
+                if let Some(cg) = &cgroup {
+                    // Out of the source's cgroup into its own (all its threads).
+                    if let Err(e) = cg.add_pid(c.pid) {
+                        tracing::warn!(pid = c.pid, "moving a branch child into its cgroup: {e}");
+                    }
+                }
+                VmmRuntime {
+                    dir: c.dir.clone(),
+                    pid: c.pid,
+                    start_time: c.start_time,
+                    config: c.dir.join("vm.json"),
+                    control_socket: c.dir.join("control.sock"),
+                    vsock_socket: c.dir.join("vsock.sock"),
+                    console_log: c.dir.join("console.log"),
+                    vmm_log: c.dir.join("vmm.log"),
+                    net,
+                    cgroup,
+                }
             })
             .collect();
-        // Bring every child to a ready, reseeded agent, in parallel.
-        let timeout = self.options.boot_timeout;
-        let results: Vec<Result<()>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = runtimes.iter().map(|rt| scope.spawn(move || child_ready(rt, timeout))).collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(Error::internal("child readiness thread panicked"))))
-                .collect()
-        });
+        let results = all_children_ready(&runtimes, self.options.boot_timeout);
         if let Some(err) = results.iter().find_map(|r| r.as_ref().err()) {
             let err = err.clone();
             for rt in &runtimes {
@@ -369,6 +552,7 @@ impl SandboxBackend for KvmBackend {
                 process::wait_exit(rt.pid, Duration::from_secs(3));
             }
         }
+        isolation::teardown(rt.net.as_ref(), rt.cgroup.as_ref())?;
         match std::fs::remove_dir_all(&rt.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -379,9 +563,7 @@ impl SandboxBackend for KvmBackend {
     fn probe(&self, runtime: &RuntimeHandle) -> Liveness {
         match VmmRuntime::from_handle(runtime) {
             Ok(rt) if rt.alive() => Liveness::Running,
-            Ok(rt) => {
-                Liveness::Exited(process::last_error(&rt.vmm_log).unwrap_or_else(|| "VMM process is gone".into()))
-            }
+            Ok(rt) => Liveness::Exited(exit_reason(&rt)),
             Err(e) => Liveness::Exited(e.to_string()),
         }
     }
@@ -391,6 +573,67 @@ impl SandboxBackend for KvmBackend {
         let (rss_kib, pss_kib, private_dirty_kib) = process::smaps_rollup(rt.pid)
             .map_err(|e| Error::Unavailable(format!("sandbox VMM (pid {}) memory: {e}", rt.pid)))?;
         Ok(MemoryUsage { rss_kib, pss_kib, private_dirty_kib })
+    }
+
+    fn resource_usage(&self, runtime: &RuntimeHandle) -> Option<ResourceUsage> {
+        let rt = VmmRuntime::from_handle(runtime).ok()?;
+        let cg = rt.cgroup.as_ref()?;
+        let usage = cg.usage().ok()?;
+        let network = rt.net.as_ref().map(|n| {
+            let allow: Vec<String> = n.spec.allow.iter().map(|a| a.to_string()).collect();
+            if allow.is_empty() {
+                n.spec.mode.to_string()
+            } else {
+                format!("{} allow {}", n.spec.mode, allow.join(","))
+            }
+        });
+        Some(ResourceUsage {
+            cgroup: cg.name.clone(),
+            memory_bytes: usage.memory_current,
+            memory_peak_bytes: usage.memory_peak,
+            memory_limit_bytes: cg.limits.memory_bytes,
+            memory_limit_hits: usage.memory_limit_hits,
+            oom_kills: usage.oom_kills,
+            cpu_usage_us: usage.cpu_usage_us,
+            cpu_limit: cg.limits.cpu().map(|(q, p)| q as f64 / p as f64),
+            pids: usage.pids_current,
+            pids_limit: cg.limits.pids_max,
+            io_read_bytes: usage.io_read_bytes,
+            io_write_bytes: usage.io_write_bytes,
+            network: network.or_else(|| Some("none".into())),
+        })
+    }
+
+    fn cleanup_stale(&self, live: &[RuntimeHandle]) -> Result<()> {
+        let alive: std::collections::HashSet<String> = live
+            .iter()
+            .filter_map(|h| VmmRuntime::from_handle(h).ok())
+            .filter(|rt| rt.alive())
+            .filter_map(|rt| rt.dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        // Stale means: a sandbox of *this* state directory (its directory is still there) whose
+        // VMM is gone. Namespaces and cgroups of other state directories' sandboxes are kept.
+        let ours: Vec<String> = std::fs::read_dir(self.dirs.sandboxes())
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        let stale: Vec<&String> = ours.iter().filter(|id| !alive.contains(*id)).collect();
+        let names: Vec<String> = forkd_net::netns::list(forkd_net::NS_PREFIX)
+            .into_iter()
+            .map(|ns| ns[forkd_net::NS_PREFIX.len()..].to_string())
+            .chain(alive.iter().cloned())
+            .filter(|id| !stale.contains(&id))
+            .collect();
+        let keep: Vec<&str> = names.iter().map(String::as_str).collect();
+        let net = forkd_net::cleanup_stale(&isolation::net_config(&self.dirs.state), &keep);
+        let cg = forkd_cgroup::cleanup_stale(&isolation::cgroup_config(), &keep);
+        if let Ok(r) = &net {
+            if !r.namespaces.is_empty() || !r.links.is_empty() {
+                tracing::info!(namespaces = ?r.namespaces, links = ?r.links, "removed stale sandbox networks");
+            }
+        }
+        net.map_err(isolation::net_error)?;
+        cg.map_err(isolation::cgroup_error)?;
+        Ok(())
     }
 
     fn console(&self, runtime: &RuntimeHandle, max_bytes: u64) -> Result<Vec<u8>> {

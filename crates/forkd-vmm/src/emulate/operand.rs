@@ -49,10 +49,8 @@ pub(super) fn memory_address(insn: &Instruction, regs: &mut kvm_regs, sregs: &kv
             addr = addr.wrapping_add(index.wrapping_mul(insn.memory_index_scale() as u64));
         }
     }
-    let address_size = [insn.memory_base(), insn.memory_index()]
-        .into_iter()
-        .find(|r| *r != Register::None)
-        .map_or(8, |r| r.size());
+    let address_size =
+        [insn.memory_base(), insn.memory_index()].into_iter().find(|r| *r != Register::None).map_or(8, |r| r.size());
     addr &= width_mask(address_size);
     Some(addr.wrapping_add(match insn.memory_segment() {
         Register::FS => sregs.fs.base,

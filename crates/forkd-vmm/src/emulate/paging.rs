@@ -224,10 +224,7 @@ mod tests {
         let memory = tables();
         let pm = paged(&memory, CR0_PG | CR0_WP);
         // 0x7ffc..0x8004 crosses from a mapped page into an unmapped one: nothing is written.
-        assert_eq!(
-            pm.write(0x7ffc, &[3; 8]),
-            Err(AccessError::PageFault { addr: 0x8000, error_code: PF_WRITE })
-        );
+        assert_eq!(pm.write(0x7ffc, &[3; 8]), Err(AccessError::PageFault { addr: 0x8000, error_code: PF_WRITE }));
         assert_eq!(memory.read_obj::<u32>(GuestAddress(0xbffc)).unwrap(), 0);
         // 0x5ffc..0x6004 crosses from 0x9000 to 0xa000 (not contiguous physically).
         paged(&memory, CR0_PG).write(0x5ffc, &[0, 1, 2, 3, 4, 5, 6, 7]).unwrap();

@@ -1,0 +1,68 @@
+//! Bearer-token authentication for the TCP listener. The Unix socket relies on its file mode.
+
+use crate::metrics::Metrics;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct Token {
+    pub expected: Arc<Vec<u8>>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Paths a load balancer may probe without a token.
+fn is_public(path: &str) -> bool {
+    path == "/healthz" || path.starts_with("/grpc.health.v1.Health/")
+}
+
+/// Compares in time independent of where the first difference is.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub async fn require_token(State(token): State<Token>, req: Request, next: Next) -> Response {
+    if is_public(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(|t| t.trim_ascii());
+    let (ok, message) = match given {
+        None => (false, "missing bearer token: send `authorization: Bearer <token>`"),
+        Some(t) => (same(t, &token.expected), "wrong bearer token"),
+    };
+    if ok {
+        return next.run(req).await;
+    }
+    token.metrics.error_named("unauthenticated");
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    if grpc {
+        tonic::Status::unauthenticated(message).into_http::<axum::body::Body>()
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            axum::Json(serde_json::json!({ "error": message, "code": "unauthenticated" })),
+        )
+            .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn comparison() {
+        assert!(super::same(b"abc", b"abc"));
+        assert!(!super::same(b"abc", b"abd"));
+        assert!(!super::same(b"abc", b"abcd"));
+    }
+}

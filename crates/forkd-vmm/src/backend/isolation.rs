@@ -1,0 +1,196 @@
+//! The launcher's side of isolation: each sandbox's network (forkd-net), cgroup
+//! (forkd-cgroup) and the VMM's jail configuration (forkd-jail).
+//!
+//! Defaults when the spec leaves a limit out: memory = guest RAM + [`MEMORY_OVERHEAD_MIB`]
+//! (the VMM's own needs on top of the guest's RAM: a guest can never reach it by itself,
+//! so the limit only bounds VMM leaks); CPU, I/O and pids unlimited.
+
+use forkd_cgroup::{CgroupConfig, IoLimits, Limits, SandboxCgroup};
+use forkd_core::{Error, NetworkMode, ResourceLimits, Result, SandboxSpec};
+use forkd_net::{AllowRule, NetConfig, NetMode, NetworkSpec, SandboxNetwork};
+use std::path::{Path, PathBuf};
+
+/// Memory the VMM may use on top of guest RAM before the default limit stops it, MiB.
+pub const MEMORY_OVERHEAD_MIB: u64 = 256;
+/// The fd number the VMM inherits its tap at.
+pub const TAP_FD: i32 = 3;
+
+/// Turns the spec's network policy into forkd-net's, checking every allow rule.
+pub fn network_spec(spec: &SandboxSpec) -> Result<NetworkSpec> {
+    let mode = match spec.network.mode {
+        NetworkMode::None => NetMode::None,
+        NetworkMode::Nat => NetMode::Nat,
+    };
+    let allow = spec
+        .network
+        .allow
+        .iter()
+        .map(|a| a.parse::<AllowRule>().map_err(|e| Error::invalid("network.allow", e.to_string())))
+        .collect::<Result<Vec<_>>>()?;
+    if mode == NetMode::None && !allow.is_empty() {
+        return Err(Error::invalid("network.allow", "an allow-list needs network mode `nat`"));
+    }
+    Ok(NetworkSpec { mode, allow, dns: None })
+}
+
+/// The cgroup limits for `spec`, with the documented defaults.
+pub fn cgroup_limits(spec: &SandboxSpec, disk_dir: &Path) -> Limits {
+    let l: &ResourceLimits = &spec.limits;
+    let memory_mib = l.memory_mib.unwrap_or(spec.memory_mib + MEMORY_OVERHEAD_MIB);
+    let io = (l.io_bps.is_some() || l.io_iops.is_some()).then(|| IoLimits {
+        path: disk_dir.to_path_buf(),
+        read_bps: l.io_bps,
+        write_bps: l.io_bps,
+        read_iops: l.io_iops,
+        write_iops: l.io_iops,
+    });
+    Limits {
+        memory_bytes: Some(memory_mib << 20),
+        cpu_quota_us: l.cpus.map(|c| ((c * 100_000.0).round() as u64).max(1_000)),
+        cpu_period_us: l.cpus.map(|_| 100_000),
+        io,
+        pids_max: l.pids,
+    }
+}
+
+/// Address leases are host-wide (link names and the address pool are shared by every state
+/// directory on the host) and live in /run, which is emptied at boot like the links themselves.
+pub fn net_config(_state_dir: &Path) -> NetConfig {
+    NetConfig::new(HOST_NET_DIR)
+}
+
+const HOST_NET_DIR: &str = "/run/forkd";
+
+pub fn cgroup_config() -> CgroupConfig {
+    CgroupConfig::default()
+}
+
+pub fn net_error(e: forkd_net::NetError) -> Error {
+    match e {
+        forkd_net::NetError::Io { .. } | forkd_net::NetError::Netlink { .. } | forkd_net::NetError::Nft { .. } => {
+            Error::FailedPrecondition(format!(
+                "setting up the sandbox network (needs root, iproute2 and nftables; see `forkd doctor`): {e}"
+            ))
+        }
+        other => Error::internal(format!("sandbox network: {other}")),
+    }
+}
+
+pub fn cgroup_error(e: forkd_cgroup::CgroupError) -> Error {
+    match e {
+        forkd_cgroup::CgroupError::InvalidLimits(why) => Error::invalid("limits", why),
+        forkd_cgroup::CgroupError::Unsupported(_) | forkd_cgroup::CgroupError::NoBlockDevice { .. } => {
+            Error::FailedPrecondition(e.to_string())
+        }
+        other => Error::internal(format!("sandbox cgroup: {other}")),
+    }
+}
+
+/// Creates the network and the cgroup of sandbox `name`; on failure nothing is left.
+pub fn create(
+    name: &str,
+    net_spec: &NetworkSpec,
+    limits: &Limits,
+    state_dir: &Path,
+) -> Result<(SandboxNetwork, SandboxCgroup)> {
+    let net = SandboxNetwork::create(name, net_spec, &net_config(state_dir)).map_err(net_error)?;
+    match SandboxCgroup::create(name, limits, &cgroup_config()) {
+        Ok(cg) => Ok((net, cg)),
+        Err(e) => {
+            let _ = net.destroy();
+            Err(cgroup_error(e))
+        }
+    }
+}
+
+/// Removes a sandbox's network and cgroup (after its VMM is gone). Best effort, idempotent.
+pub fn teardown(net: Option<&SandboxNetwork>, cgroup: Option<&SandboxCgroup>) -> Result<()> {
+    let mut first_error = None;
+    if let Some(cg) = cgroup {
+        let _ = cg.kill_all(std::time::Duration::from_secs(3));
+        if let Err(e) = cg.destroy() {
+            first_error.get_or_insert(cgroup_error(e));
+        }
+    }
+    if let Some(net) = net {
+        if let Err(e) = net.destroy() {
+            first_error.get_or_insert(net_error(e));
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Opens the files behind `cgroup.procs` of every directory of `cgroup`, so a freshly forked
+/// launcher child can move itself in before exec with a plain `write(fd, "0")`.
+pub fn procs_files(cgroup: &SandboxCgroup) -> Result<Vec<std::fs::File>> {
+    cgroup
+        .dirs
+        .iter()
+        .map(|d| {
+            let path = d.path.join("cgroup.procs");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::internal(format!("opening {}: {e}", path.display())))
+        })
+        .collect()
+}
+
+/// The jail of a VMM: what its mount namespace must still show.
+pub fn jail(sandboxes: &Path, files: &[Option<&Path>]) -> forkd_jail::JailConfig {
+    let mut paths: Vec<PathBuf> = vec![sandboxes.to_path_buf()];
+    paths.extend(files.iter().flatten().map(|p| p.to_path_buf()));
+    forkd_jail::JailConfig::full(paths)
+}
+
+/// Whether VMMs are jailed: on unless `FORKD_JAIL=0`.
+pub fn jail_enabled() -> bool {
+    std::env::var("FORKD_JAIL").map(|v| v != "0").unwrap_or(true)
+}
+
+/// One isolation feature and whether this host supports it (for `forkd doctor`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Feature {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Which isolation features this host supports: network (namespaces, tap, nftables,
+/// forwarding), cgroups (version, memory/cpu/io/pids controllers) and the VMM jail (seccomp,
+/// mount namespaces, capabilities). Changes nothing on the host.
+pub fn doctor(state_dir: &Path) -> Vec<Feature> {
+    let mut out: Vec<Feature> = Vec::new();
+    for s in forkd_net::doctor(&net_config(state_dir)) {
+        out.push(Feature { name: s.feature, ok: s.ok, detail: format!("network isolation: {}", s.detail) });
+    }
+    for s in forkd_cgroup::doctor(&cgroup_config()) {
+        out.push(Feature { name: s.feature, ok: s.ok, detail: format!("sandbox limits: {}", s.detail) });
+    }
+    let seccomp = std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail").unwrap_or_default();
+    out.push(Feature {
+        name: "seccomp",
+        ok: seccomp.contains("trap"),
+        detail: if seccomp.is_empty() {
+            "no seccomp filter support (CONFIG_SECCOMP_FILTER)".into()
+        } else {
+            format!("filter actions: {}", seccomp.trim())
+        },
+    });
+    let mnt = Path::new("/proc/self/ns/mnt").exists();
+    out.push(Feature {
+        name: "mount namespace",
+        ok: mnt,
+        detail: if mnt { "available".into() } else { "no mount namespaces".into() },
+    });
+    let (eff, _) = forkd_jail::current_caps();
+    out.push(Feature {
+        name: "capabilities",
+        ok: eff & (1 << 21) != 0,
+        detail: format!(
+            "launcher CapEff {eff:#x}; VMMs drop all but CAP_SYS_RESOURCE{}",
+            if jail_enabled() { "" } else { " (FORKD_JAIL=0: jail disabled)" }
+        ),
+    });
+    out
+}
