@@ -346,3 +346,39 @@ fn pids_limit_and_cpu_quota_bound_the_vmm() {
     assert!(free > limited, "the busy guest should use more CPU without the quota ({free:?} vs {limited:?})");
     controller().destroy(&id).unwrap();
 }
+
+/// The io limit bounds the VMM's writes to the disk backing the sandbox's layers: at 256 KiB/s
+/// on that device, a guest writing 4 MiB and flushing (the VMM then writes back in its own
+/// context, where the v1 throttle applies) takes ~16 s longer than without the limit.
+#[test]
+fn io_limit_bounds_the_vmm_disk_writes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let id = nat_child();
+    let device = forkd_cgroup::block_device_of(&runtime_dir(&id)).expect("block device of the state directory");
+    let blkio = PathBuf::from("/sys/fs/cgroup/blkio/forkd").join(id.as_str());
+    let write_4_mib = |file: &str| {
+        let started = Instant::now();
+        sh_ok(&id, &format!("dd if=/dev/zero of=/root/{file} bs=1M count=4 conv=fsync 2>/dev/null; echo done"));
+        started.elapsed()
+    };
+    let unlimited = write_4_mib("warmup.bin");
+    std::fs::write(blkio.join("blkio.throttle.write_bps_device"), format!("{device} 262144")).unwrap();
+    let elapsed = write_4_mib("io.bin");
+    let stats = std::fs::read_to_string(blkio.join("blkio.throttle.io_service_bytes")).unwrap();
+    let written: u64 = stats
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{device} Write ")))
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum();
+    eprintln!(
+        "4 MiB + fsync: {unlimited:?} unlimited, {elapsed:?} at 256 KiB/s; cgroup wrote {written} bytes to {device}"
+    );
+    assert!(written >= 8 << 20, "the VMM's writes were not accounted to its cgroup: {stats}");
+    // 4 MiB at 256 KiB/s is ~16 s of throttling; allow for burst and noise in the guest part.
+    assert!(
+        elapsed >= unlimited + Duration::from_secs(8),
+        "256 KiB/s not enforced: 4 MiB in {elapsed:?} (unlimited: {unlimited:?})"
+    );
+    assert_eq!(sh_ok(&id, "ls -l /root/io.bin | awk '{print $5}'"), (4u64 << 20).to_string());
+    controller().destroy(&id).unwrap();
+}
