@@ -154,9 +154,10 @@ pub trait SandboxBackend: Send + Sync {
         None
     }
 
-    /// Removes host resources (network namespaces, links, cgroups) left by sandboxes that no
-    /// longer exist; `live` are the runtimes of the sandboxes still alive. Called on start.
-    fn cleanup_stale(&self, _live: &[RuntimeHandle]) -> Result<()> {
+    /// Removes host resources (network namespaces, links, cgroups) left by sandboxes whose VMM
+    /// is gone; `known` are the runtimes of every sandbox the caller has a record of, dead or
+    /// alive (the backend decides which still run). Called on start.
+    fn cleanup_stale(&self, _known: &[RuntimeHandle]) -> Result<()> {
         Ok(())
     }
 

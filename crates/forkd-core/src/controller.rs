@@ -473,12 +473,8 @@ impl Controller {
     /// state directory left behind when their VMMs died, e.g. in a host crash. Run on daemon
     /// start; resources of sandboxes still running are left alone.
     pub fn cleanup_stale(&self) -> Result<()> {
-        let live: Vec<RuntimeHandle> = lock(&self.sandboxes)
-            .values()
-            .filter(|e| matches!(self.backend.probe(&e.runtime), Liveness::Running))
-            .map(|e| e.runtime.clone())
-            .collect();
-        self.backend.cleanup_stale(&live)
+        let known: Vec<RuntimeHandle> = lock(&self.sandboxes).values().map(|e| e.runtime.clone()).collect();
+        self.backend.cleanup_stale(&known)
     }
 
     pub fn console(&self, id: &SandboxId, max_bytes: u64) -> Result<Vec<u8>> {

@@ -46,6 +46,19 @@ pub struct VsockState {
     pub driver_features: u64,
 }
 
+/// Telling the guest to drop its connections (after a fork or a host-side reset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResetState {
+    Idle,
+    /// A TRANSPORT_RESET event waits for an event-queue buffer.
+    EventPending,
+    /// The event was delivered and the guest has not handled it yet: the event queue's
+    /// available index at delivery. The guest hands the buffer back (a new available entry) only
+    /// after resetting its sockets, and handles rx and event queues in separate work items, so
+    /// a connection delivered before that would be reset along with the stale ones and hang.
+    AwaitingAck(std::num::Wrapping<u16>),
+}
+
 /// virtio-vsock device.
 #[derive(Debug)]
 pub struct VsockDevice {
@@ -53,13 +66,8 @@ pub struct VsockDevice {
     driver_features: u64,
     active: bool,
     muxer: Muxer,
-    /// A TRANSPORT_RESET event waits for an event-queue buffer.
-    reset_event_pending: bool,
-    /// The reset event was delivered and the guest has not handled it yet: the event queue's
-    /// available index at delivery. The guest hands the buffer back (a new available entry) only
-    /// after resetting its sockets, and handles rx and event queues in separate work items, so
-    /// a connection delivered before that would be reset along with the stale ones and hang.
-    awaiting_reset_ack: Option<std::num::Wrapping<u16>>,
+    /// Where telling the guest to reset its connections stands.
+    reset: ResetState,
     /// The tx queue was left unread because too many control packets were queued.
     tx_blocked: bool,
     payload: Vec<u8>,
@@ -76,8 +84,7 @@ impl VsockDevice {
             driver_features: 0,
             active: false,
             muxer,
-            reset_event_pending: false,
-            awaiting_reset_ack: None,
+            reset: ResetState::Idle,
             tx_blocked: false,
             payload: Vec::new(),
         })
@@ -92,7 +99,7 @@ impl VsockDevice {
     pub fn from_state(state: &VsockState, uds_path: impl Into<PathBuf>) -> Result<Self, DeviceError> {
         let mut device = VsockDevice::new(state.guest_cid, uds_path)?;
         device.driver_features = state.driver_features;
-        device.reset_event_pending = true;
+        device.reset = ResetState::EventPending;
         Ok(device)
     }
 
@@ -116,13 +123,12 @@ impl VsockDevice {
     pub fn transport_reset(&mut self) {
         self.muxer.close_all();
         self.tx_blocked = false;
-        self.reset_event_pending = true;
-        self.awaiting_reset_ack = None;
+        self.reset = ResetState::EventPending;
     }
 
     /// True once the guest has handed back an event buffer after our reset event.
     fn check_reset_ack(&mut self, ctx: &mut DeviceContext) {
-        let Some(at_delivery) = self.awaiting_reset_ack else {
+        let ResetState::AwaitingAck(at_delivery) = self.reset else {
             return;
         };
         let mem = ctx.mem();
@@ -130,7 +136,7 @@ impl VsockDevice {
             return;
         };
         if queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|now| now != at_delivery) {
-            self.awaiting_reset_ack = None;
+            self.reset = ResetState::Idle;
         }
     }
 
@@ -188,7 +194,7 @@ impl VsockDevice {
     }
 
     fn deliver_rx(&mut self, ctx: &mut DeviceContext) -> usize {
-        if self.reset_event_pending || self.awaiting_reset_ack.is_some() {
+        if self.reset != ResetState::Idle {
             // New connections must not reach the guest before it has reset the old ones.
             return 0;
         }
@@ -200,7 +206,7 @@ impl VsockDevice {
     }
 
     fn deliver_event(&mut self, ctx: &mut DeviceContext) -> bool {
-        if !self.reset_event_pending {
+        if self.reset != ResetState::EventPending {
             return false;
         }
         let mem = ctx.mem();
@@ -221,8 +227,10 @@ impl VsockDevice {
         if let Err(err) = queue.add_used(mem, buffers.head_index(), used_len) {
             tracing::warn!(?err, "vsock cannot return an event descriptor");
         }
-        self.awaiting_reset_ack = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire).ok();
-        self.reset_event_pending = false;
+        self.reset = match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+            Ok(at_delivery) => ResetState::AwaitingAck(at_delivery),
+            Err(_) => ResetState::Idle,
+        };
         true
     }
 }
@@ -272,8 +280,7 @@ impl VirtioDevice for VsockDevice {
         self.active = false;
         self.driver_features = 0;
         // A fresh driver has no connections to reset.
-        self.reset_event_pending = false;
-        self.awaiting_reset_ack = None;
+        self.reset = ResetState::Idle;
         self.tx_blocked = false;
     }
 
@@ -315,8 +322,7 @@ impl VirtioDevice for VsockDevice {
                     .map_err(|source| DeviceError::Bind { path: uds_path, source })?;
                 self.tx_blocked = false;
                 // The guest's connections now point at host sockets we do not own.
-                self.reset_event_pending = self.active;
-                self.awaiting_reset_ack = None;
+                self.reset = if self.active { ResetState::EventPending } else { ResetState::Idle };
                 Ok(())
             }
             other => Err(DeviceError::RewireMismatch { device: "vsock", given: other.kind() }),

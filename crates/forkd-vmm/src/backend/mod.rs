@@ -604,8 +604,8 @@ impl SandboxBackend for KvmBackend {
         })
     }
 
-    fn cleanup_stale(&self, live: &[RuntimeHandle]) -> Result<()> {
-        let alive: std::collections::HashSet<String> = live
+    fn cleanup_stale(&self, known: &[RuntimeHandle]) -> Result<()> {
+        let alive: std::collections::HashSet<String> = known
             .iter()
             .filter_map(|h| VmmRuntime::from_handle(h).ok())
             .filter(|rt| rt.alive())

@@ -1,6 +1,7 @@
 //! Guest-virtual memory as the emulator sees it: reads and writes through the guest's own page
 //! tables, with the permission checks, page faults and accessed/dirty updates of a real walk.
 
+use crate::arch::regs::{EFER_LMA, X86_CR0_PG as CR0_PG};
 use crate::memory::GuestMemory;
 use kvm_bindings::kvm_sregs;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,8 +40,6 @@ const PTE_DIRTY: u64 = 1 << 6;
 const PTE_HUGE: u64 = 1 << 7;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const EFER_LMA: u64 = 1 << 10;
 
 /// #PF error code bits.
 const PF_PRESENT: u32 = 1 << 0;

@@ -8,10 +8,10 @@ use vm_memory::{Bytes, GuestAddress};
 
 const X86_CR0_PE: u64 = 1 << 0;
 const X86_CR0_ET: u64 = 1 << 4;
-const X86_CR0_PG: u64 = 1 << 31;
+pub(crate) const X86_CR0_PG: u64 = 1 << 31;
 const X86_CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+pub(crate) const EFER_LMA: u64 = 1 << 10;
 
 const PTE_PRESENT_RW: u64 = 0x3;
 const PDE_HUGE: u64 = 0x80;
