@@ -95,7 +95,7 @@ pub fn bench_load(out: &Path, opts: &LoadOptions) -> Result<()> {
         let source = client.sandboxes().create(pb::CreateRequest::default()).await.context("boot")?.into_inner();
         let mut ids = vec![source.id.clone()];
         if opts.sandboxes > 1 {
-            let req = pb::BranchRequest { id: source.id.clone(), count: Some(opts.sandboxes as i64 - 1) };
+            let req = pb::BranchRequest { id: source.id.clone(), count: Some(opts.sandboxes as i64 - 1), limits: None };
             let resp = client.sandboxes().branch(req).await.context("branch")?.into_inner();
             ids.extend(resp.children.into_iter().map(|c| c.id));
         }

@@ -181,13 +181,19 @@ fn start_dirtier(bench: &Bench, id: &SandboxId, memory_mib: u64) -> Result<()> {
 }
 
 fn dump_pause(bench: &Bench, id: &SandboxId, path: &Path) -> Result<Duration> {
-    use forkd_vmm::control::{request, ControlRequest};
-    let resp = request(
+    use forkd_vmm::control::{request_with_fds, ControlRequest};
+    use std::os::fd::AsFd;
+    // The VMM is jailed in its own mount namespace: hand it the open file.
+    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let resp = request_with_fds(
         &bench.control_socket(id),
         &ControlRequest::DumpMemory { path: path.to_path_buf() },
+        &[file.as_fd()],
         Duration::from_secs(600),
-    )?;
+    );
+    drop(file);
     let _ = std::fs::remove_file(path);
+    let resp = resp?;
     let dump = resp.dump.context("no dump report")?;
     Ok(Duration::from_micros(dump.pause_us))
 }
@@ -213,7 +219,7 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
         let (mut pauses, mut ready, mut first_exec) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             let started = Instant::now();
-            let result = bench.controller.branch(&source.id, &BranchOptions { count: 1 })?;
+            let result = bench.controller.branch(&source.id, &BranchOptions::count(1))?;
             ready.push(started.elapsed());
             pauses.push(result.pause);
             let child = &result.children[0].id;
@@ -244,7 +250,7 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
         let sandboxes = bench.state.path().join("sandboxes");
         let watcher = VmmReadyWatcher::start(&sandboxes, n as usize);
         let started = Instant::now();
-        let result = bench.controller.branch(&source.id, &BranchOptions { count: n })?;
+        let result = bench.controller.branch(&source.id, &BranchOptions::count(n))?;
         let all_ready = started.elapsed();
         let vmm_ready = watcher.finish(started);
         let first = bench.exec(&result.children[0].id, &["/bin/true"])?;

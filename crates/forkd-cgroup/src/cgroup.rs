@@ -167,16 +167,6 @@ impl SandboxCgroup {
         Ok(cgroup)
     }
 
-    /// A cgroup for a BRANCH child: the source's limits, or `overrides`.
-    pub fn create_like(
-        name: &str,
-        source: &SandboxCgroup,
-        overrides: Option<&Limits>,
-        cfg: &CgroupConfig,
-    ) -> Result<SandboxCgroup, CgroupError> {
-        SandboxCgroup::create(name, overrides.unwrap_or(&source.limits), cfg)
-    }
-
     /// Re-finds an existing cgroup `name` (e.g. after the launcher restarted).
     pub fn open(name: &str, limits: Limits, cfg: &CgroupConfig) -> Result<SandboxCgroup, CgroupError> {
         validate_name(name)?;
@@ -304,6 +294,12 @@ impl SandboxCgroup {
     /// Usage figures (those the host's controllers report).
     pub fn usage(&self) -> Result<Usage, CgroupError> {
         usage::read_usage(self)
+    }
+
+    /// The limits the kernel enforces now, read back from the cgroup's files (unlimited
+    /// resources are `None`; the I/O path is the one the limits were made for).
+    pub fn limits_in_force(&self) -> Result<Limits, CgroupError> {
+        crate::in_force::read_limits(self)
     }
 
     /// Number of processes the kernel OOM-killed because of this cgroup's memory limit.

@@ -11,8 +11,8 @@
 //! let limits = Limits { memory_bytes: Some(512 << 20), pids_max: Some(64), ..Limits::default() };
 //! let cg = SandboxCgroup::create("sb-1234", &limits, &cfg)?;
 //! cg.add_pid(4242)?;                       // the VMM
-//! // BRANCH: each child gets its own cgroup with the source's limits
-//! let child = SandboxCgroup::create_like("sb-5678", &cg, None, &cfg)?;
+//! // BRANCH: each child gets its own cgroup, here with the source's limits
+//! let child = SandboxCgroup::create("sb-5678", &cg.limits, &cfg)?;
 //! child.add_pid(4243)?;
 //! if cg.oom_killed()? { /* report: killed by the memory limit */ }
 //! cg.kill_all(std::time::Duration::from_secs(2))?;
@@ -23,6 +23,7 @@
 mod cgroup;
 mod cleanup;
 pub mod hierarchy;
+mod in_force;
 mod limits;
 mod usage;
 

@@ -156,7 +156,11 @@ impl Api {
         match self {
             Api::Local(c) => Ok(c.branch(id, opts)?),
             Api::Daemon(r) => {
-                let req = pb::BranchRequest { id: id.to_string(), count: Some(opts.count.into()) };
+                let req = pb::BranchRequest {
+                    id: id.to_string(),
+                    count: Some(opts.count.into()),
+                    limits: (!opts.limits.is_empty()).then(|| convert::limits_to_pb(&opts.limits)),
+                };
                 let resp = r.call(async { Ok(r.client.sandboxes().branch(req).await?.into_inner()) })?;
                 let children = resp
                     .children

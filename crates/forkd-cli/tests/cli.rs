@@ -95,7 +95,7 @@ fn create_exec_branch_ls_rm_with_json() {
     let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"].as_str().unwrap().to_string();
     let out = run(&["exec", &id, "--", "sh", "-c", "echo state > /root/s; exit 7"]);
     assert_eq!(out.status.code(), Some(7));
-    let out = run(&["branch", &id, "-n", "2", "--json"]);
+    let out = run(&["branch", &id, "-n", "2", "--json", "--cpus", "0.5"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let branch: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let children: Vec<String> =
@@ -105,6 +105,9 @@ fn create_exec_branch_ls_rm_with_json() {
     for child in &children {
         let out = run(&["exec", child, "--", "cat", "/root/s"]);
         assert_eq!(text(&out.stdout), "state\n");
+        let inspect: serde_json::Value = serde_json::from_slice(&run(&["inspect", child]).stdout).unwrap();
+        assert_eq!(inspect["sandbox"]["spec"]["limits"]["cpus"].as_f64(), Some(0.5), "{inspect}");
+        assert_eq!(inspect["resources"]["cpu_limit"].as_f64(), Some(0.5), "{inspect}");
     }
     let ls: serde_json::Value = serde_json::from_slice(&run(&["ls", "--json"]).stdout).unwrap();
     let listed: Vec<&str> = ls.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
@@ -131,6 +134,8 @@ fn bad_input_fails_clearly_without_booting() {
         (&["run", "--vcpus", "0", "--", "true"], "vcpus"),
         (&["exec", "NOT/AN/ID", "--", "true"], "id"),
         (&["branch", "sb-000000000000", "-n", "0"], "count"),
+        (&["branch", "sb-000000000000", "--cpus=-1"], "cpus"),
+        (&["branch", "sb-000000000000", "--io-bps", "fast"], "io-bps"),
     ];
     for (args, needle) in cases {
         let out = forkd(state.path(), args);

@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         println!("source {}: {}", source.id, run(&forkd, &source.id, "uname -sr")?);
         run(&forkd, &source.id, "echo 'written before the branch' > /root/note")?;
 
-        let branch = forkd.branch(&source.id, &BranchOptions { count: 3 })?;
+        let branch = forkd.branch(&source.id, &BranchOptions::count(3))?;
         println!(
             "branched into {} children; source paused {:.2} ms",
             branch.children.len(),

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::exec::{CancelToken, ExecOutcome, ExecRequest, ExecSink};
 use crate::id::SandboxId;
-use crate::spec::SandboxSpec;
+use crate::spec::{ResourceLimits, SandboxSpec};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -70,11 +70,14 @@ pub enum Liveness {
 pub struct BranchOptions {
     /// Number of children.
     pub count: u32,
+    /// Limits for the children's cgroups: each one given replaces the source's, the others
+    /// are the source's. Empty (the default): exactly the source's limits.
+    pub limits: ResourceLimits,
 }
 
 impl Default for BranchOptions {
     fn default() -> Self {
-        Self { count: 1 }
+        Self { count: 1, limits: ResourceLimits::default() }
     }
 }
 
@@ -82,6 +85,11 @@ impl Default for BranchOptions {
 pub const MAX_BRANCH_COUNT: u32 = 1000;
 
 impl BranchOptions {
+    /// `count` children with the source's limits.
+    pub fn count(count: u32) -> Self {
+        Self { count, ..Self::default() }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.count == 0 || self.count > MAX_BRANCH_COUNT {
             return Err(Error::invalid(
@@ -89,7 +97,7 @@ impl BranchOptions {
                 format!("{} is out of range; use 1 to {MAX_BRANCH_COUNT}", self.count),
             ));
         }
-        Ok(())
+        self.limits.validate()
     }
 }
 

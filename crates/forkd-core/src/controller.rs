@@ -377,7 +377,7 @@ impl Controller {
             id: name.to_string(),
             hint: format!("; create it with `forkd template create {name}`"),
         })?;
-        let mut result = self.branch(&template.id, &BranchOptions { count: 1 })?;
+        let mut result = self.branch(&template.id, &BranchOptions::count(1))?;
         result.children.pop().ok_or_else(|| Error::internal("branch returned no child"))
     }
 
@@ -508,11 +508,12 @@ impl Controller {
         let ids: Vec<SandboxId> = (0..opts.count).map(|_| SandboxId::generate()).collect();
         let branched = self.backend.branch(&entry.runtime, &ids, opts)?;
         let now = now_unix_ms();
+        let child_spec = SandboxSpec { limits: source.spec.limits.overlay(&opts.limits), ..source.spec.clone() };
         let mut children = Vec::new();
         for (child_id, runtime) in ids.into_iter().zip(branched.children) {
             let info = SandboxInfo {
                 id: child_id,
-                spec: source.spec.clone(),
+                spec: child_spec.clone(),
                 state: SandboxState::Running,
                 created_unix_ms: now,
                 parent: Some(id.clone()),

@@ -123,11 +123,32 @@ impl SandboxSpec {
         if self.network.allow.iter().any(|a| a.trim().is_empty()) {
             return Err(Error::invalid("network.allow", "entries must be CIDR[:PORT] or allow-all"));
         }
-        let l = &self.limits;
-        if l.memory_mib == Some(0) || l.io_bps == Some(0) || l.io_iops == Some(0) || l.pids == Some(0) {
+        self.limits.validate()
+    }
+}
+
+impl ResourceLimits {
+    /// True when no limit is given.
+    pub fn is_empty(&self) -> bool {
+        *self == ResourceLimits::default()
+    }
+
+    /// These limits with every limit `over` gives replacing ours (the others kept).
+    pub fn overlay(&self, over: &ResourceLimits) -> ResourceLimits {
+        ResourceLimits {
+            memory_mib: over.memory_mib.or(self.memory_mib),
+            cpus: over.cpus.or(self.cpus),
+            io_bps: over.io_bps.or(self.io_bps),
+            io_iops: over.io_iops.or(self.io_iops),
+            pids: over.pids.or(self.pids),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.memory_mib == Some(0) || self.io_bps == Some(0) || self.io_iops == Some(0) || self.pids == Some(0) {
             return Err(Error::invalid("limits", "limits must be positive; leave a limit out to use the default"));
         }
-        if let Some(cpus) = l.cpus {
+        if let Some(cpus) = self.cpus {
             if !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0) {
                 return Err(Error::invalid("limits.cpus", format!("{cpus} is out of range; use e.g. 0.5 or 2")));
             }
@@ -147,6 +168,25 @@ mod tests {
         assert!(bad.validate().unwrap_err().to_string().contains("vcpus"));
         let bad = SandboxSpec { image: String::new(), ..Default::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("image"));
+    }
+
+    #[test]
+    fn overlay_replaces_only_the_limits_given() {
+        let source = ResourceLimits { memory_mib: Some(512), cpus: Some(1.0), pids: Some(64), ..Default::default() };
+        let over = ResourceLimits { cpus: Some(0.25), io_bps: Some(1 << 20), ..Default::default() };
+        let merged = source.overlay(&over);
+        assert_eq!(
+            merged,
+            ResourceLimits {
+                memory_mib: Some(512),
+                cpus: Some(0.25),
+                io_bps: Some(1 << 20),
+                io_iops: None,
+                pids: Some(64)
+            }
+        );
+        assert_eq!(source.overlay(&ResourceLimits::default()), source);
+        assert!(ResourceLimits::default().is_empty() && !over.is_empty());
     }
 
     #[test]

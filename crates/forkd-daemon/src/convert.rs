@@ -205,14 +205,17 @@ pub fn create_plan(req: pb::CreateRequest) -> Result<CreatePlan, Error> {
     }
 }
 
-/// Branch count: absent means 1; anything outside 1..=MAX_BRANCH_COUNT names `count`.
-pub fn branch_options(count: Option<i64>) -> Result<BranchOptions, Error> {
+/// Branch count (absent means 1; anything outside 1..=MAX_BRANCH_COUNT names `count`) and
+/// the children's limit overrides.
+pub fn branch_options(count: Option<i64>, limits: ResourceLimits) -> Result<BranchOptions, Error> {
     let max = forkd_core::backend::MAX_BRANCH_COUNT;
     let count = count.unwrap_or(1);
     if count < 1 || count > max as i64 {
         return Err(Error::invalid("count", format!("{count} is out of range; use 1 to {max}")));
     }
-    Ok(BranchOptions { count: count as u32 })
+    let opts = BranchOptions { count: count as u32, limits };
+    opts.validate()?;
+    Ok(opts)
 }
 
 /// Seconds (0 = none) to a timeout, naming `timeout_secs` when it is not a usable duration.
@@ -289,11 +292,15 @@ mod tests {
     #[test]
     fn counts_out_of_range_name_the_field() {
         for bad in [Some(0), Some(-1), Some(1001), Some(i64::MAX), Some(i64::MIN)] {
-            let e = branch_options(bad).unwrap_err();
+            let e = branch_options(bad, ResourceLimits::default()).unwrap_err();
             assert!(e.to_string().starts_with("invalid count"), "{e}");
         }
-        assert_eq!(branch_options(None).unwrap().count, 1);
-        assert_eq!(branch_options(Some(1000)).unwrap().count, 1000);
+        assert_eq!(branch_options(None, ResourceLimits::default()).unwrap().count, 1);
+        assert_eq!(branch_options(Some(1000), ResourceLimits::default()).unwrap().count, 1000);
+        let pids = ResourceLimits { pids: Some(16), ..Default::default() };
+        assert_eq!(branch_options(Some(2), pids.clone()).unwrap().limits, pids);
+        let e = branch_options(None, ResourceLimits { pids: Some(0), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("limits"), "{e}");
     }
 
     #[test]

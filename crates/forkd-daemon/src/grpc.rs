@@ -173,7 +173,7 @@ impl pb::sandboxes_server::Sandboxes for Grpc {
     async fn branch(&self, req: Request<pb::BranchRequest>) -> Reply<pb::BranchResponse> {
         let r = req.into_inner();
         let id = self.id(&r.id)?;
-        let opts = convert::branch_options(r.count).map_err(|e| self.status(e))?;
+        let opts = convert::branch_options(r.count, convert::limits_from_pb(r.limits)).map_err(|e| self.status(e))?;
         let result = self.0.branch(id, opts).await.map_err(st)?;
         Ok(Response::new(pb::BranchResponse {
             source: result.source.to_string(),

@@ -336,9 +336,19 @@ async fn branch(State(s): Api, Path(id): Path<String>, bytes: Result<Bytes, Byte
     let Value::Object(fields) = b else {
         return Err(invalid(&s, "body", "must be a JSON object like {\"count\": 2}"));
     };
-    if let Some(unknown) = fields.keys().find(|k| *k != "count" && *k != "n") {
-        return Err(invalid(&s, unknown, "unknown field; expected `count` (or `n`)"));
+    if let Some(unknown) = fields.keys().find(|k| !matches!(k.as_str(), "count" | "n" | "limits")) {
+        return Err(invalid(&s, unknown, "unknown field; expected `count` (or `n`) and `limits`"));
     }
+    let limits = match fields.get("limits") {
+        None | Some(Value::Null) => ResourceLimits::default(),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+            invalid(
+                &s,
+                "limits",
+                format!("{e}; give {{\"memory_mib\", \"cpus\", \"io_bps\", \"io_iops\", \"pids\"}}, each optional"),
+            )
+        })?,
+    };
     let count = match fields.get("count").or_else(|| fields.get("n")) {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match (n.as_i64(), n.as_u64()) {
@@ -348,7 +358,7 @@ async fn branch(State(s): Api, Path(id): Path<String>, bytes: Result<Bytes, Byte
         },
         Some(other) => return Err(invalid(&s, "count", format!("{other} is not a number"))),
     };
-    let opts = convert::branch_options(count).map_err(|e| RestError::from(s.failed(e)))?;
+    let opts = convert::branch_options(count, limits).map_err(|e| RestError::from(s.failed(e)))?;
     let result = s.branch(id, opts).await?;
     let children: Vec<Value> = result.children.iter().map(|c| sandbox_json(c, None)).collect();
     Ok(Json(json!({

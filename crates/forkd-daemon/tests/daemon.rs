@@ -155,7 +155,7 @@ async fn client() -> Client {
 }
 
 async fn branch(c: &Client, id: &str, count: i64) -> Vec<String> {
-    let req = pb::BranchRequest { id: id.into(), count: Some(count) };
+    let req = pb::BranchRequest { id: id.into(), count: Some(count), limits: None };
     let resp = c.sandboxes().branch(req).await.expect("branch").into_inner();
     assert_eq!(resp.source, id);
     assert!(resp.pause_ms > 0.0 && resp.pause_ms < 1000.0, "pause {} ms", resp.pause_ms);
@@ -323,8 +323,20 @@ fn rest_mirror_create_exec_branch_delete() {
             (Some(4), Some("hi\n"), Some("oops\n"))
         );
 
-        let (status, branched) = rest("POST", &format!("/v1/sandboxes/{id}/branch"), r#"{"count": 2}"#).await;
+        // The children get their own limits where the request names some; the rest stay the source's.
+        let body = r#"{"count": 2, "limits": {"cpus": 0.5, "pids": 256}}"#;
+        let (status, branched) = rest("POST", &format!("/v1/sandboxes/{id}/branch"), body).await;
         assert_eq!(status, 200, "{branched}");
+        for child in branched["children"].as_array().expect("children") {
+            assert_eq!((child["limits"]["cpus"].as_f64(), child["limits"]["pids"].as_u64()), (Some(0.5), Some(256)));
+        }
+        let (status, got) =
+            rest("GET", &format!("/v1/sandboxes/{}", branched["children"][0]["id"].as_str().unwrap_or_default()), "")
+                .await;
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["resources"]["cpu_limit"].as_f64(), Some(0.5), "the child's cgroup quota: {got}");
+        let (status, bad) = rest("POST", &format!("/v1/sandboxes/{id}/branch"), r#"{"limits": {"cpu": 1}}"#).await;
+        assert_eq!((status, bad["code"].as_str()), (400, Some("invalid_argument")), "{bad}");
         let children: Vec<String> = branched["children"]
             .as_array()
             .expect("children")
@@ -481,11 +493,17 @@ fn bad_requests_get_clean_errors_and_the_daemon_stays_healthy() {
         assert_eq!(status_of(exec).0, tonic::Code::NotFound);
         // Negative, zero and huge counts name the field.
         for count in [-1, 0, 1001, i64::MAX, i64::MIN] {
-            let (code, msg) =
-                status_of(s().branch(pb::BranchRequest { id: env.source.clone(), count: Some(count) }).await);
+            let (code, msg) = status_of(
+                s().branch(pb::BranchRequest { id: env.source.clone(), count: Some(count), limits: None }).await,
+            );
             assert_eq!(code, tonic::Code::InvalidArgument, "count {count}");
             assert!(msg.starts_with("invalid count"), "{msg}");
         }
+        let zero_pids = pb::ResourceLimits { pids: Some(0), ..Default::default() };
+        let req = pb::BranchRequest { id: env.source.clone(), count: None, limits: Some(zero_pids) };
+        let (code, msg) = status_of(s().branch(req).await);
+        assert_eq!(code, tonic::Code::InvalidArgument);
+        assert!(msg.starts_with("invalid limits"), "{msg}");
         // Empty argv, bad env, bad timeout, unknown network mode.
         let bad_execs = [
             pb::ExecRequest { id: env.source.clone(), ..Default::default() },

@@ -27,8 +27,9 @@ pub enum ControlRequest {
     /// the self-test showing that a jailed VMM dies and is reported as killed by seccomp. An
     /// unjailed VMM answers with an error.
     ProbeSeccomp,
-    /// Pause, write all guest RAM to `path`, resume: the classic file-snapshot method, kept as
-    /// the baseline BRANCH is measured against.
+    /// Pause, write all guest RAM to the file passed with the request (or `path`, which a
+    /// jailed VMM cannot open; `path` names the file in messages), resume: the classic
+    /// file-snapshot method, kept as the baseline BRANCH is measured against.
     DumpMemory { path: std::path::PathBuf },
 }
 

@@ -190,7 +190,7 @@ fn serve(mut machine: Machine, mut config: VmConfig, listener: UnixListener) -> 
                     let rc = unsafe { libc::syscall(libc::SYS_syslog, 10, std::ptr::null_mut::<libc::c_char>(), 0) };
                     ControlResponse::error(format!("the seccomp filter is not active (syslog returned {rc})"))
                 }
-                ControlRequest::DumpMemory { path } => match dump_memory(&machine, &path) {
+                ControlRequest::DumpMemory { path } => match dump_memory(&machine, &path, fds) {
                     Ok(dump) => ControlResponse { dump: Some(dump), ..ControlResponse::ok() },
                     Err(e) => ControlResponse::error(format!("dumping memory to {}: {e}", path.display())),
                 },
@@ -202,6 +202,7 @@ fn serve(mut machine: Machine, mut config: VmConfig, listener: UnixListener) -> 
                         );
                         continue;
                     }
+                    let asked = Instant::now();
                     match branch::branch(machine, &config, &children, fds) {
                         BranchSide::Child(machine, config) => {
                             // The parent answers the request; this copy of the stream just closes.
@@ -215,7 +216,15 @@ fn serve(mut machine: Machine, mut config: VmConfig, listener: UnixListener) -> 
                             }
                             record_disk_chain(&machine, &mut config);
                             match report {
-                                Ok(report) => ControlResponse { branch: Some(report), ..ControlResponse::ok() },
+                                Ok(report) => {
+                                    tracing::info!(
+                                        "branched into {} children: paused {} µs, all forked after {:?}",
+                                        report.children.len(),
+                                        report.pause_us,
+                                        asked.elapsed()
+                                    );
+                                    ControlResponse { branch: Some(report), ..ControlResponse::ok() }
+                                }
                                 Err(e) => ControlResponse::error(e),
                             }
                         }
@@ -227,14 +236,23 @@ fn serve(mut machine: Machine, mut config: VmConfig, listener: UnixListener) -> 
     }
 }
 
-/// The file-snapshot baseline: the guest stays paused while all of its RAM is written out.
-fn dump_memory(machine: &Machine, path: &std::path::Path) -> std::io::Result<control::DumpReport> {
+/// The file-snapshot baseline: the guest stays paused while all of its RAM is written out, to
+/// the file passed with the request (the jailed VMM cannot open host paths) or else `path`.
+fn dump_memory(
+    machine: &Machine,
+    path: &std::path::Path,
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> std::io::Result<control::DumpReport> {
     use std::io::Write;
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let passed = fds.into_iter().next().map(std::fs::File::from);
     let started = Instant::now();
     machine.vcpus.park();
     let result = (|| -> std::io::Result<u64> {
-        let mut file = std::fs::File::create(path)?;
+        let mut file = match passed {
+            Some(file) => file,
+            None => std::fs::File::create(path)?,
+        };
         let mut bytes = 0u64;
         for region in machine.memory.iter() {
             // SAFETY: the region maps `len()` bytes for the VM's lifetime; vCPUs are parked

@@ -33,7 +33,7 @@ fn wait_for_count(id: &SandboxId, at_least: u64) -> u64 {
 }
 
 fn branch(id: &SandboxId, count: u32) -> forkd_core::BranchResult {
-    controller().branch(id, &BranchOptions { count }).unwrap_or_else(|e| panic!("branch {id} x{count}: {e}"))
+    controller().branch(id, &BranchOptions::count(count)).unwrap_or_else(|e| panic!("branch {id} x{count}: {e}"))
 }
 
 #[test]
@@ -154,7 +154,7 @@ fn killing_a_child_mid_branch_leaves_the_source_healthy() {
             }
             killed
         });
-        let result = controller().branch(&source, &BranchOptions { count: 2 });
+        let result = controller().branch(&source, &BranchOptions::count(2));
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         killed = killer.join().unwrap();
         result

@@ -8,7 +8,9 @@
 mod common;
 
 use common::*;
-use forkd_core::{BranchOptions, NetworkMode, NetworkPolicy, SandboxId, SandboxInfo, SandboxSpec, SandboxState};
+use forkd_core::{
+    BranchOptions, NetworkMode, NetworkPolicy, ResourceLimits, SandboxId, SandboxInfo, SandboxSpec, SandboxState,
+};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -120,7 +122,7 @@ fn nat_source() -> &'static SandboxInfo {
 }
 
 fn nat_child() -> SandboxId {
-    let r = controller().branch(&nat_source().id, &BranchOptions { count: 1 }).expect("branch the nat source");
+    let r = controller().branch(&nat_source().id, &BranchOptions::count(1)).expect("branch the nat source");
     r.children[0].id.clone()
 }
 
@@ -142,14 +144,16 @@ fn runtime_dir(id: &SandboxId) -> PathBuf {
     env().dirs.sandboxes().join(id.as_str())
 }
 
-/// The sandbox's VMM: the one process in its cgroup.
-fn vmm_pid(id: &SandboxId) -> u32 {
-    let procs = std::fs::read_to_string(memory_cgroup(id).join("cgroup.procs")).expect("the sandbox's cgroup");
-    procs.lines().next().and_then(|l| l.trim().parse().ok()).expect("VMM pid")
+/// The sandbox's cgroup (every hierarchy, v1 or v2), found the way the daemon re-finds it.
+fn cgroup(id: &SandboxId) -> Result<forkd_cgroup::SandboxCgroup, forkd_cgroup::CgroupError> {
+    forkd_cgroup::SandboxCgroup::open(id.as_str(), Default::default(), &Default::default())
 }
 
-fn memory_cgroup(id: &SandboxId) -> PathBuf {
-    PathBuf::from("/sys/fs/cgroup/memory/forkd").join(id.as_str())
+/// The sandbox's VMM: the one process in its cgroup.
+fn vmm_pid(id: &SandboxId) -> u32 {
+    let procs = cgroup(id).and_then(|cg| cg.pids()).expect("the sandbox's cgroup");
+    assert_eq!(procs.len(), 1, "one process (the VMM) in {id}'s cgroup: {procs:?}");
+    procs[0]
 }
 
 fn wait_exited(id: &SandboxId, within: Duration) -> String {
@@ -199,7 +203,7 @@ fn egress_follows_the_allow_list_and_never_reaches_the_host_or_other_sandboxes()
 fn two_children_of_one_branch_reach_the_server_at_once_with_the_same_ip() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let src = nat_child();
-    let kids = controller().branch(&src, &BranchOptions { count: 2 }).expect("branch x2");
+    let kids = controller().branch(&src, &BranchOptions::count(2)).expect("branch x2");
     let ids: Vec<SandboxId> = kids.children.iter().map(|c| c.id.clone()).collect();
     let results: Vec<(String, Result<String, String>)> = std::thread::scope(|s| {
         let handles: Vec<_> = ids.iter().map(|id| s.spawn(move || (guest_ip(id), fetch(id, OUT_A, 8080)))).collect();
@@ -230,14 +234,14 @@ fn destroy_leaves_no_namespace_link_or_cgroup() {
     let id = nat_child();
     let ns = format!("fkd-{id}");
     assert!(ip_output(&["netns", "list"]).contains(&ns));
-    assert!(memory_cgroup(&id).is_dir());
+    let dirs: Vec<PathBuf> = cgroup(&id).expect("the sandbox's cgroup").dirs.into_iter().map(|d| d.path).collect();
     let veths = || ip_output(&["-o", "link", "show"]).lines().filter(|l| l.contains("fkd-h")).count();
     let before = veths();
     controller().destroy(&id).unwrap();
     assert_eq!(veths(), before - 1, "the host veth is left");
     assert!(!ip_output(&["netns", "list"]).contains(&ns), "namespace left");
-    for ctrl in ["memory", "cpu", "blkio", "pids"] {
-        let dir = Path::new("/sys/fs/cgroup").join(ctrl).join("forkd").join(id.as_str());
+    assert!(!dirs.is_empty());
+    for dir in dirs {
         assert!(!dir.exists(), "{} left", dir.display());
     }
 }
@@ -245,13 +249,11 @@ fn destroy_leaves_no_namespace_link_or_cgroup() {
 #[test]
 fn a_guest_touching_more_than_the_memory_limit_is_killed_and_reported() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let victim = nat_child();
+    // A child's cgroup is charged only for the memory it copies or adds after the fork, so
+    // 48 MiB lets it run commands but not have the guest touch 100 MiB of fresh RAM (tmpfs).
+    let victim = child_with(&nat_source().id, ResourceLimits { memory_mib: Some(48), ..Default::default() });
     let bystander = nat_child();
-    // Lower the victim's limit to what it uses now plus 48 MiB, then have the guest touch
-    // 100 MiB of fresh RAM (tmpfs).
-    let cg = memory_cgroup(&victim);
-    let used: u64 = std::fs::read_to_string(cg.join("memory.usage_in_bytes")).unwrap().trim().parse().unwrap();
-    std::fs::write(cg.join("memory.limit_in_bytes"), (used + (48 << 20)).to_string()).unwrap();
+    assert_eq!(limits_in_force(&victim).memory_bytes, Some(48 << 20));
     let mut out = forkd_core::CapturedOutput::default();
     let req = forkd_core::ExecRequest::new(["sh", "-c", "dd if=/dev/zero of=/dev/shm/fill bs=1M count=100; sleep 5"]);
     // The VMM dies under the command: the exec fails, which is the point.
@@ -300,85 +302,136 @@ fn cgroup_usage_is_reported_and_the_vmm_is_in_its_own_cgroup() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let id = nat_child();
     let pid = vmm_pid(&id);
-    let procs = std::fs::read_to_string(memory_cgroup(&id).join("cgroup.procs")).unwrap();
-    assert!(procs.lines().any(|l| l.trim() == pid.to_string()), "VMM {pid} not in its cgroup: {procs}");
-    // Default memory limit: guest RAM + 256 MiB.
-    let limit: u64 =
-        std::fs::read_to_string(memory_cgroup(&id).join("memory.limit_in_bytes")).unwrap().trim().parse().unwrap();
-    assert_eq!(limit, (nat_source().spec.memory_mib + 256) << 20);
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    assert!(cmdline.contains("forkd-vmm"), "{pid} in {id}'s cgroup is not its VMM: {cmdline}");
+    // Default memory limit: guest RAM + 256 MiB, in force and reported.
+    let limit = (nat_source().spec.memory_mib + 256) << 20;
+    assert_eq!(limits_in_force(&id).memory_bytes, Some(limit));
+    let used = usage(&id);
+    assert_eq!(used.memory_limit_bytes, Some(limit));
+    assert!(used.memory_bytes.is_some_and(|b| b > 0) && used.pids.is_some_and(|p| p >= 2), "{used:?}");
     controller().destroy(&id).unwrap();
 }
 
-/// The pids limit bounds the VMM's tasks (a BRANCH needs one more: the zygote) and the CPU
-/// quota bounds the VMM's CPU time (guest code runs on its vCPU threads). Both are set on the
-/// child's cgroup directly, as the backend would from `limits.pids` / `limits.cpus`.
-#[test]
-fn pids_limit_and_cpu_quota_bound_the_vmm() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let id = nat_child();
-    let cgroup = |controller: &str| PathBuf::from("/sys/fs/cgroup").join(controller).join("forkd").join(id.as_str());
-    let read = |path: PathBuf| -> u64 {
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().parse().unwrap()
-    };
+/// The limits the kernel enforces on a sandbox's cgroup, read back from its files (v1 or v2).
+fn limits_in_force(id: &SandboxId) -> forkd_cgroup::Limits {
+    cgroup(id).and_then(|cg| cg.limits_in_force()).unwrap_or_else(|e| panic!("reading {id}'s cgroup limits: {e}"))
+}
 
-    let tasks = read(cgroup("pids").join("pids.current"));
-    std::fs::write(cgroup("pids").join("pids.max"), tasks.to_string()).unwrap();
-    let err = controller().branch(&id, &BranchOptions { count: 1 }).expect_err("a branch needs one more task");
+fn usage(id: &SandboxId) -> forkd_core::ResourceUsage {
+    controller().resource_usage(id).expect("resource usage").expect("the sandbox has a cgroup")
+}
+
+/// A child of `source` whose cgroup has `limits` instead of the source's.
+fn child_with(source: &SandboxId, limits: ResourceLimits) -> SandboxId {
+    let r = controller().branch(source, &BranchOptions { count: 1, limits }).expect("branch with limits");
+    r.children[0].id.clone()
+}
+
+/// Limits given on BRANCH are in force in the children's cgroups (the others stay the
+/// source's), are kept by a branch of such a child, and leave the source's alone.
+#[test]
+fn branch_limit_overrides_are_in_force_in_the_children_only() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let source = nat_source();
+    let over = ResourceLimits { cpus: Some(0.5), pids: Some(200), io_bps: Some(8 << 20), ..Default::default() };
+    let child = child_with(&source.id, over.clone());
+    let in_child = limits_in_force(&child);
+    assert_eq!(in_child.cpu(), Some((50_000, 100_000)));
+    assert_eq!(in_child.pids_max, Some(200));
+    assert_eq!(in_child.memory_bytes, Some((source.spec.memory_mib + 256) << 20), "memory limit not inherited");
+    let io = in_child.io.clone().expect("io limits in force");
+    assert_eq!((io.read_bps, io.write_bps, io.write_iops), (Some(8 << 20), Some(8 << 20), None));
+    assert_eq!(controller().get(&child).unwrap().spec.limits, source.spec.limits.overlay(&over));
+
+    let in_source = limits_in_force(&source.id);
+    assert_eq!((in_source.cpu_quota_us, in_source.pids_max, in_source.io), (None, None, None));
+
+    let grandchild = nat_child_of(&child);
+    let in_grandchild = limits_in_force(&grandchild);
+    assert_eq!(
+        forkd_cgroup::Limits { io: None, ..in_grandchild.clone() },
+        forkd_cgroup::Limits { io: None, ..in_child }
+    );
+    assert_eq!(in_grandchild.io.map(|io| io.write_bps), Some(Some(8 << 20)));
+    assert_eq!(sh_ok(&grandchild, "echo alive"), "alive");
+    for id in [&grandchild, &child] {
+        controller().destroy(id).unwrap();
+    }
+}
+
+fn nat_child_of(id: &SandboxId) -> SandboxId {
+    controller().branch(id, &BranchOptions::count(1)).expect("branch").children[0].id.clone()
+}
+
+/// The pids limit bounds the VMM's tasks: a child whose `limits.pids` is the number of tasks
+/// its VMM runs cannot be branched (that needs one more: the zygote) and survives the refusal.
+#[test]
+fn pids_limit_bounds_the_vmm_tasks() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let source = nat_source().id.clone();
+    let tasks = usage(&source).pids.expect("pids.current");
+    let id = child_with(&source, ResourceLimits { pids: Some(tasks), ..Default::default() });
+    assert_eq!(usage(&id).pids_limit, Some(tasks));
+    let err = controller().branch(&id, &BranchOptions::count(1)).expect_err("a branch needs one more task");
     eprintln!("branch at pids.max={tasks}: {err}");
     assert_eq!(sh_ok(&id, "echo alive"), "alive", "the sandbox must survive a refused branch");
-    std::fs::write(cgroup("pids").join("pids.max"), "max").unwrap();
-
-    // A busy loop in guest user mode, which runs natively on the vCPU thread.
-    sh_ok(&id, "setsid sh -c 'while :; do :; done' >/dev/null 2>&1 </dev/null & echo started");
-    let cpu_time_over = |interval: Duration| {
-        let before = read(cgroup("cpuacct").join("cpuacct.usage"));
-        std::thread::sleep(interval);
-        Duration::from_nanos(read(cgroup("cpuacct").join("cpuacct.usage")) - before)
-    };
-    let interval = Duration::from_secs(3);
-    let free = cpu_time_over(interval);
-    std::fs::write(cgroup("cpu").join("cpu.cfs_period_us"), "100000").unwrap();
-    std::fs::write(cgroup("cpu").join("cpu.cfs_quota_us"), "20000").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let limited = cpu_time_over(interval);
-    eprintln!("VMM CPU time over {interval:?}: {free:?} unlimited, {limited:?} at a 0.2 CPU quota");
-    assert!(limited <= interval.mul_f64(0.2 * 1.5), "quota not enforced: {limited:?} in {interval:?}");
-    assert!(free > limited, "the busy guest should use more CPU without the quota ({free:?} vs {limited:?})");
     controller().destroy(&id).unwrap();
 }
 
-/// The io limit bounds the VMM's writes to the disk backing the sandbox's layers: at 256 KiB/s
-/// on that device, a guest writing 4 MiB and flushing (the VMM then writes back in its own
-/// context, where the v1 throttle applies) takes ~16 s longer than without the limit.
+/// The CPU quota bounds the VMM's CPU time (guest code runs on its vCPU threads): the same
+/// busy guest uses ~3 s of CPU in 3 s unlimited and ~0.6 s with `limits.cpus = 0.2`.
+#[test]
+fn cpu_quota_bounds_the_vmm_cpu_time() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let source = nat_source().id.clone();
+    let interval = Duration::from_secs(3);
+    let busy_cpu_time = |id: &SandboxId| {
+        // A busy loop in guest user mode, which runs natively on the vCPU thread.
+        sh_ok(id, "setsid sh -c 'while :; do :; done' >/dev/null 2>&1 </dev/null & echo started");
+        std::thread::sleep(Duration::from_millis(300));
+        let before = usage(id).cpu_usage_us.expect("cpu usage");
+        std::thread::sleep(interval);
+        let used = Duration::from_micros(usage(id).cpu_usage_us.expect("cpu usage") - before);
+        controller().destroy(id).unwrap();
+        used
+    };
+    let free = busy_cpu_time(&nat_child());
+    let limited_child = child_with(&source, ResourceLimits { cpus: Some(0.2), ..Default::default() });
+    assert_eq!(usage(&limited_child).cpu_limit, Some(0.2));
+    let limited = busy_cpu_time(&limited_child);
+    eprintln!("VMM CPU time over {interval:?}: {free:?} unlimited, {limited:?} with limits.cpus = 0.2");
+    assert!(limited <= interval.mul_f64(0.2 * 1.5), "quota not enforced: {limited:?} in {interval:?}");
+    assert!(free > limited, "the busy guest should use more CPU without the quota ({free:?} vs {limited:?})");
+}
+
+/// The io limit bounds the VMM's writes to the disk backing the sandbox's layers: with
+/// `limits.io_bps` = 256 KiB/s, a guest writing 4 MiB and flushing (the VMM then writes back
+/// in its own context, where even the v1 throttle applies) takes ~16 s longer than without.
 #[test]
 fn io_limit_bounds_the_vmm_disk_writes() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let id = nat_child();
-    let device = forkd_cgroup::block_device_of(&runtime_dir(&id)).expect("block device of the state directory");
-    let blkio = PathBuf::from("/sys/fs/cgroup/blkio/forkd").join(id.as_str());
-    let write_4_mib = |file: &str| {
+    let source = nat_source().id.clone();
+    let write_4_mib = |id: &SandboxId| {
         let started = Instant::now();
-        sh_ok(&id, &format!("dd if=/dev/zero of=/root/{file} bs=1M count=4 conv=fsync 2>/dev/null; echo done"));
-        started.elapsed()
+        sh_ok(id, "dd if=/dev/zero of=/root/io.bin bs=1M count=4 conv=fsync 2>/dev/null; echo done");
+        let elapsed = started.elapsed();
+        assert_eq!(sh_ok(id, "ls -l /root/io.bin | awk '{print $5}'"), (4u64 << 20).to_string());
+        elapsed
     };
-    let unlimited = write_4_mib("warmup.bin");
-    std::fs::write(blkio.join("blkio.throttle.write_bps_device"), format!("{device} 262144")).unwrap();
-    let elapsed = write_4_mib("io.bin");
-    let stats = std::fs::read_to_string(blkio.join("blkio.throttle.io_service_bytes")).unwrap();
-    let written: u64 = stats
-        .lines()
-        .filter_map(|l| l.strip_prefix(&format!("{device} Write ")))
-        .filter_map(|v| v.trim().parse::<u64>().ok())
-        .sum();
-    eprintln!(
-        "4 MiB + fsync: {unlimited:?} unlimited, {elapsed:?} at 256 KiB/s; cgroup wrote {written} bytes to {device}"
-    );
-    assert!(written >= 8 << 20, "the VMM's writes were not accounted to its cgroup: {stats}");
+    let free_child = nat_child();
+    let unlimited = write_4_mib(&free_child);
+    controller().destroy(&free_child).unwrap();
+    let id = child_with(&source, ResourceLimits { io_bps: Some(256 << 10), ..Default::default() });
+    let written_before = usage(&id).io_write_bytes.unwrap_or(0);
+    let elapsed = write_4_mib(&id);
+    let written = usage(&id).io_write_bytes.unwrap_or(0) - written_before;
+    eprintln!("4 MiB + fsync: {unlimited:?} unlimited, {elapsed:?} at 256 KiB/s; the cgroup wrote {written} bytes");
+    assert!(written >= 4 << 20, "the VMM's writes were not accounted to its cgroup ({written} bytes)");
     // 4 MiB at 256 KiB/s is ~16 s of throttling; allow for burst and noise in the guest part.
     assert!(
         elapsed >= unlimited + Duration::from_secs(8),
         "256 KiB/s not enforced: 4 MiB in {elapsed:?} (unlimited: {unlimited:?})"
     );
-    assert_eq!(sh_ok(&id, "ls -l /root/io.bin | awk '{print $5}'"), (4u64 << 20).to_string());
     controller().destroy(&id).unwrap();
 }

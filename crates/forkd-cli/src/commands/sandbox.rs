@@ -42,11 +42,35 @@ pub struct SpecArgs {
     /// and other sandboxes). Needs --network nat.
     #[arg(long = "allow", value_name = "CIDR[:PORT]")]
     pub allow: Vec<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+impl SpecArgs {
+    pub fn spec(&self) -> anyhow::Result<SandboxSpec> {
+        let spec = SandboxSpec {
+            image: self.image.clone(),
+            kernel: self.kernel.clone(),
+            memory_mib: size::parse_mib("memory", &self.memory)?,
+            vcpus: self.vcpus,
+            network: forkd_core::NetworkPolicy { mode: self.network.parse()?, allow: self.allow.clone() },
+            limits: self.limits.limits()?,
+            ..Default::default()
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+/// Cgroup limits of a sandbox's VMM, shared by `create`, `run`, `template create` (unset:
+/// the defaults) and `branch` (unset: the source's).
+#[derive(Args, Clone)]
+pub struct LimitArgs {
     /// Memory limit of the sandbox's VMM (guest RAM it touched plus its own), e.g. 512M;
-    /// default: guest memory + 256M.
+    /// default for a new sandbox: guest memory + 256M.
     #[arg(long, value_name = "SIZE")]
     pub memory_limit: Option<String>,
-    /// CPU time limit in CPUs, e.g. 0.5 (default: unlimited).
+    /// CPU time limit in CPUs, e.g. 0.5 (default for a new sandbox: unlimited).
     #[arg(long)]
     pub cpus: Option<f64>,
     /// Disk throughput limit, bytes per second, read and write each (e.g. 10M).
@@ -60,26 +84,17 @@ pub struct SpecArgs {
     pub pids_limit: Option<u64>,
 }
 
-impl SpecArgs {
-    pub fn spec(&self) -> anyhow::Result<SandboxSpec> {
-        let io_bps = self.io_bps.as_deref().map(io_bytes).transpose()?;
-        let spec = SandboxSpec {
-            image: self.image.clone(),
-            kernel: self.kernel.clone(),
-            memory_mib: size::parse_mib("memory", &self.memory)?,
-            vcpus: self.vcpus,
-            network: forkd_core::NetworkPolicy { mode: self.network.parse()?, allow: self.allow.clone() },
-            limits: forkd_core::ResourceLimits {
-                memory_mib: self.memory_limit.as_deref().map(|m| size::parse_mib("memory-limit", m)).transpose()?,
-                cpus: self.cpus,
-                io_bps,
-                io_iops: self.io_iops,
-                pids: self.pids_limit,
-            },
-            ..Default::default()
+impl LimitArgs {
+    pub fn limits(&self) -> anyhow::Result<forkd_core::ResourceLimits> {
+        let limits = forkd_core::ResourceLimits {
+            memory_mib: self.memory_limit.as_deref().map(|m| size::parse_mib("memory-limit", m)).transpose()?,
+            cpus: self.cpus,
+            io_bps: self.io_bps.as_deref().map(io_bytes).transpose()?,
+            io_iops: self.io_iops,
+            pids: self.pids_limit,
         };
-        spec.validate()?;
-        Ok(spec)
+        limits.validate()?;
+        Ok(limits)
     }
 }
 
@@ -217,11 +232,16 @@ pub struct BranchArgs {
     /// Print `{"children": [{"id": ...}], "pause_ms": ...}`.
     #[arg(long)]
     pub json: bool,
+    /// Limits given here apply to the children instead of the source's; the others are the
+    /// source's.
+    #[command(flatten, next_help_heading = "Children's limits (default: the source's)")]
+    pub limits: LimitArgs,
 }
 
 pub fn branch(dirs: &Dirs, args: BranchArgs, verbose: bool) -> anyhow::Result<ExitCode> {
+    let opts = BranchOptions { count: args.count, limits: args.limits.limits()? };
     let controller = open_controller(dirs, verbose)?;
-    let result = controller.branch(&parse_id(&args.id)?, &BranchOptions { count: args.count })?;
+    let result = controller.branch(&parse_id(&args.id)?, &opts)?;
     // Microsecond resolution is what the VMM measures; do not print float noise beyond it.
     let pause_ms = (result.pause.as_secs_f64() * 1e6).round() / 1e3;
     if args.json {

@@ -116,7 +116,7 @@ fn lifecycle_events_in_order() {
     let (_, c) = controller();
     let events = c.events();
     let a = c.create(SandboxSpec::default()).unwrap();
-    let branched = c.branch(&a.id, &BranchOptions { count: 2 }).unwrap();
+    let branched = c.branch(&a.id, &BranchOptions::count(2)).unwrap();
     c.destroy(&branched.children[0].id).unwrap();
     let got = drain(&events);
     let names: Vec<_> = got.iter().map(Event::name).collect();
@@ -211,9 +211,9 @@ fn max_sandboxes_counts_branch_children() {
     let fake = Arc::new(Fake::default());
     let c = Controller::new(fake).with_options(ControllerOptions { max_sandboxes: Some(3), ..Default::default() });
     let a = c.create(SandboxSpec::default()).unwrap();
-    let err = c.branch(&a.id, &BranchOptions { count: 3 }).unwrap_err();
+    let err = c.branch(&a.id, &BranchOptions::count(3)).unwrap_err();
     assert_eq!(err.code(), crate::ErrorCode::ResourceExhausted, "{err}");
-    c.branch(&a.id, &BranchOptions { count: 2 }).unwrap();
+    c.branch(&a.id, &BranchOptions::count(2)).unwrap();
     assert_eq!(c.create(SandboxSpec::default()).unwrap_err().code(), crate::ErrorCode::ResourceExhausted);
     assert_eq!(c.pending.load(Ordering::SeqCst), 0);
 }
@@ -229,7 +229,7 @@ fn branch_does_not_wait_for_running_commands_but_destroy_cancels_them() {
     });
     std::thread::sleep(Duration::from_millis(50));
     let started = Instant::now();
-    c.branch(&a.id, &BranchOptions { count: 1 }).unwrap();
+    c.branch(&a.id, &BranchOptions::count(1)).unwrap();
     assert!(started.elapsed() < Duration::from_secs(2), "branch waited for the command");
     let started = Instant::now();
     c.destroy(&a.id).unwrap();
@@ -259,4 +259,28 @@ fn commands_on_different_sandboxes_run_in_parallel() {
         t.join().unwrap();
     }
     assert!(started.elapsed() < Duration::from_millis(1100), "{:?}", started.elapsed());
+}
+
+#[test]
+fn branch_children_record_their_overridden_limits_and_bad_ones_are_refused() {
+    let (_, c) = controller();
+    let spec = SandboxSpec {
+        limits: crate::ResourceLimits { cpus: Some(1.0), pids: Some(64), ..Default::default() },
+        ..Default::default()
+    };
+    let a = c.create(spec).unwrap();
+    let opts = BranchOptions {
+        count: 2,
+        limits: crate::ResourceLimits { cpus: Some(0.25), io_bps: Some(1 << 20), ..Default::default() },
+    };
+    let branched = c.branch(&a.id, &opts).unwrap();
+    for child in &branched.children {
+        let limits = &c.get(&child.id).unwrap().spec.limits;
+        assert_eq!((limits.cpus, limits.pids, limits.io_bps), (Some(0.25), Some(64), Some(1 << 20)));
+    }
+    assert_eq!(c.get(&a.id).unwrap().spec.limits.cpus, Some(1.0), "the source keeps its limits");
+    let bad = BranchOptions { count: 1, limits: crate::ResourceLimits { cpus: Some(-1.0), ..Default::default() } };
+    let err = c.branch(&a.id, &bad).unwrap_err();
+    assert_eq!(err.code(), crate::ErrorCode::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("limits.cpus"), "{err}");
 }

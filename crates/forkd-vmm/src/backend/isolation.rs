@@ -35,23 +35,42 @@ pub fn network_spec(spec: &SandboxSpec) -> Result<NetworkSpec> {
 
 /// The cgroup limits for `spec`, with the documented defaults.
 pub fn cgroup_limits(spec: &SandboxSpec, disk_dir: &Path) -> Limits {
-    let l: &ResourceLimits = &spec.limits;
-    let memory_mib = l.memory_mib.unwrap_or(spec.memory_mib + MEMORY_OVERHEAD_MIB);
-    let io = (l.io_bps.is_some() || l.io_iops.is_some()).then(|| IoLimits {
-        path: disk_dir.to_path_buf(),
-        read_bps: l.io_bps,
-        write_bps: l.io_bps,
-        read_iops: l.io_iops,
-        write_iops: l.io_iops,
-    });
+    let defaults = Limits { memory_bytes: Some((spec.memory_mib + MEMORY_OVERHEAD_MIB) << 20), ..Limits::default() };
+    limits_over(&defaults, &spec.limits, disk_dir)
+}
+
+/// `base` with every limit `over` gives replacing base's; the I/O limits apply to the device
+/// backing `disk_dir` (a BRANCH child's own layers live next to its source's, on one device).
+pub fn limits_over(base: &Limits, over: &ResourceLimits, disk_dir: &Path) -> Limits {
+    let io = match (&base.io, over.io_bps.is_some() || over.io_iops.is_some()) {
+        (base_io, true) => {
+            let base_io = base_io.clone().unwrap_or_default();
+            Some(IoLimits {
+                path: disk_dir.to_path_buf(),
+                read_bps: over.io_bps.or(base_io.read_bps),
+                write_bps: over.io_bps.or(base_io.write_bps),
+                read_iops: over.io_iops.or(base_io.read_iops),
+                write_iops: over.io_iops.or(base_io.write_iops),
+            })
+        }
+        (Some(base_io), false) => Some(IoLimits { path: disk_dir.to_path_buf(), ..base_io.clone() }),
+        (None, false) => None,
+    };
+    let (cpu_quota_us, cpu_period_us) = match over.cpus {
+        Some(cpus) => (Some(((cpus * CPU_PERIOD_US as f64).round() as u64).max(1_000)), Some(CPU_PERIOD_US)),
+        None => (base.cpu_quota_us, base.cpu_period_us),
+    };
     Limits {
-        memory_bytes: Some(memory_mib << 20),
-        cpu_quota_us: l.cpus.map(|c| ((c * 100_000.0).round() as u64).max(1_000)),
-        cpu_period_us: l.cpus.map(|_| 100_000),
+        memory_bytes: over.memory_mib.map(|m| m << 20).or(base.memory_bytes),
+        cpu_quota_us,
+        cpu_period_us,
         io,
-        pids_max: l.pids,
+        pids_max: over.pids.or(base.pids_max),
     }
 }
+
+/// The CFS period limits are expressed in: 100 ms, the kernel's default.
+const CPU_PERIOD_US: u64 = 100_000;
 
 /// Address leases are host-wide (link names and the address pool are shared by every state
 /// directory on the host) and live in /run, which is emptied at boot like the links themselves.
@@ -193,4 +212,46 @@ pub fn doctor(state_dir: &Path) -> Vec<Feature> {
         ),
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_limits_fill_in_the_defaults() {
+        let spec = SandboxSpec {
+            memory_mib: 512,
+            limits: ResourceLimits { cpus: Some(0.5), io_iops: Some(100), ..Default::default() },
+            ..Default::default()
+        };
+        let l = cgroup_limits(&spec, Path::new("/state/sb-1/disk"));
+        assert_eq!(l.memory_bytes, Some((512 + MEMORY_OVERHEAD_MIB) << 20));
+        assert_eq!(l.cpu(), Some((50_000, 100_000)));
+        let io = l.io.expect("io limits");
+        assert_eq!((io.read_iops, io.write_iops, io.read_bps), (Some(100), Some(100), None));
+        assert_eq!(l.pids_max, None);
+    }
+
+    #[test]
+    fn a_branch_override_replaces_only_what_it_names_and_moves_io_to_the_child_disk() {
+        let source = cgroup_limits(
+            &SandboxSpec {
+                limits: ResourceLimits { pids: Some(64), io_bps: Some(1 << 20), ..Default::default() },
+                ..Default::default()
+            },
+            Path::new("/state/source/disk"),
+        );
+        let child_disk = Path::new("/state/child/disk");
+        let same = limits_over(&source, &ResourceLimits::default(), child_disk);
+        assert_eq!(Limits { io: None, ..same.clone() }, Limits { io: None, ..source.clone() });
+        assert_eq!(same.io.as_ref().map(|io| io.path.as_path()), Some(child_disk));
+
+        let over = ResourceLimits { cpus: Some(0.25), io_iops: Some(50), ..Default::default() };
+        let child = limits_over(&source, &over, child_disk);
+        assert_eq!(child.cpu(), Some((25_000, 100_000)));
+        assert_eq!((child.pids_max, child.memory_bytes), (Some(64), source.memory_bytes));
+        let io = child.io.expect("io limits");
+        assert_eq!((io.write_bps, io.write_iops), (Some(1 << 20), Some(50)));
+    }
 }

@@ -419,11 +419,18 @@ impl SandboxBackend for KvmBackend {
         &self,
         runtime: &RuntimeHandle,
         children: &[SandboxId],
-        _opts: &BranchOptions,
+        opts: &BranchOptions,
     ) -> Result<BranchedChildren> {
         let source = VmmRuntime::from_handle(runtime)?;
         if !source.alive() {
             return Err(Error::FailedPrecondition("the source sandbox's VMM is not running".into()));
+        }
+        if source.cgroup.is_none() && !opts.limits.is_empty() {
+            return Err(Error::FailedPrecondition(
+                "the source sandbox runs without a cgroup (made by an older forkd), so its children's limits \
+                 cannot be set; branch without limits, or create a new sandbox"
+                    .into(),
+            ));
         }
         let dirs: Vec<PathBuf> = children.iter().map(|id| self.dirs.sandboxes().join(id.as_str())).collect();
         for dir in &dirs {
@@ -466,7 +473,9 @@ impl SandboxBackend for KvmBackend {
                 };
                 let cgroup = match &source.cgroup {
                     Some(src) => {
-                        match SandboxCgroup::create_like(id.as_str(), src, None, &isolation::cgroup_config()) {
+                        let disk_dir = self.dirs.sandboxes().join(id.as_str()).join("disk");
+                        let limits = isolation::limits_over(&src.limits, &opts.limits, &disk_dir);
+                        match SandboxCgroup::create(id.as_str(), &limits, &isolation::cgroup_config()) {
                             Ok(cg) => Some(cg),
                             Err(e) => {
                                 let _ = isolation::teardown(net.0.as_ref(), None);

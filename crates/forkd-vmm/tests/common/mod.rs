@@ -75,7 +75,7 @@ pub fn source() -> &'static SandboxInfo {
 
 /// A new sandbox of its own for one test: a BRANCH child of the shared source.
 pub fn fresh() -> SandboxId {
-    let result = controller().branch(&source().id, &BranchOptions { count: 1 }).expect("branch a fresh sandbox");
+    let result = controller().branch(&source().id, &BranchOptions::count(1)).expect("branch a fresh sandbox");
     result.children[0].id.clone()
 }
 
