@@ -78,9 +78,10 @@ impl LeaseLock {
         self.leases.slots.iter().find(|(_, owner)| owner.as_str() == id).map(|(slot, _)| *slot)
     }
 
-    /// The lowest free slot, recorded for `id` (not saved yet).
-    pub fn allocate(&mut self, id: &str, slots: u32) -> Result<u32, NetError> {
-        let free = (0..slots).find(|s| !self.leases.slots.contains_key(s)).ok_or(NetError::PoolExhausted)?;
+    /// The lowest slot neither leased nor `taken` elsewhere, recorded for `id` (not saved yet).
+    pub fn allocate(&mut self, id: &str, slots: u32, taken: impl Fn(u32) -> bool) -> Result<u32, NetError> {
+        let free =
+            (0..slots).find(|s| !self.leases.slots.contains_key(s) && !taken(*s)).ok_or(NetError::PoolExhausted)?;
         self.leases.slots.insert(free, id.to_owned());
         Ok(free)
     }

@@ -90,7 +90,16 @@ impl SandboxNetwork {
         if leases.slot_of(id).is_some() || netns::netns_path(&netns_name(id)).exists() {
             return Err(NetError::Exists(id.to_owned()));
         }
-        let slot = leases.allocate(id, cfg.slots())?;
+        // A host link can exist without a lease here: another forkd with its own state
+        // directory, or a crashed run whose state is gone. Its slot is not ours to reuse.
+        let host_links = rtnl::run(None, "listing host links", |h| async move { rtnl::link_names(&h).await })?;
+        let slot = leases.allocate(id, cfg.slots(), |slot| {
+            let busy = host_links.contains(&host_if_name(slot));
+            if busy {
+                tracing::warn!(link = %host_if_name(slot), "host link exists without a lease here; skipping its slot (run `forkd cleanup` if it is left from a crash)");
+            }
+            busy
+        })?;
         // Recorded before anything exists, so a crash mid-way leaves a lease cleanup_stale sees.
         leases.save()?;
         let nic = Nic {

@@ -5,6 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::process::Command;
 use std::sync::Barrier;
 
 use forkd_net::{cleanup_stale, netns, AllowRule, NetMode, NetworkSpec, SandboxNetwork};
@@ -164,4 +165,23 @@ fn cleanup_stale_removes_what_a_crashed_run_left() {
     assert!(report.host_table_removed);
     assert_eq!(report.namespaces.len(), 2, "{report:?}");
     assert_clean(&[&keep_id, &lost_id]);
+}
+
+#[test]
+fn a_host_link_without_a_lease_keeps_its_slot() {
+    require_root();
+    let _serial = serial();
+    let state = tempfile::tempdir().unwrap();
+    let cfg = config(&state);
+    // Left by a crashed run whose state directory is gone, or owned by another forkd.
+    let foreign = format!("{}0", forkd_net::HOST_IF_PREFIX);
+    let _ = Command::new("ip").args(["link", "del", &foreign]).output();
+    ip(&["link", "add", &foreign, "type", "veth", "peer", "name", &unique("fkt-p")]);
+    let id = unique("tf");
+    let net = SandboxNetwork::create(&id, &allow(&[]), &cfg);
+    let _ = Command::new("ip").args(["link", "del", &foreign]).output();
+    let net = Guard(net.expect("a sandbox network must not need the foreign link's slot"));
+    assert_eq!(net.nic.as_ref().unwrap().slot, 1, "slot 0's host link is taken");
+    net.destroy().unwrap();
+    assert_clean(&[&id]);
 }

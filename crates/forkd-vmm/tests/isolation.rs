@@ -122,8 +122,7 @@ fn nat_source() -> &'static SandboxInfo {
 }
 
 fn nat_child() -> SandboxId {
-    let r = controller().branch(&nat_source().id, &BranchOptions::count(1)).expect("branch the nat source");
-    r.children[0].id.clone()
+    child_with(&nat_source().id, ResourceLimits::default())
 }
 
 /// `nc` from inside the guest: the server's greeting, or an error.
@@ -322,9 +321,9 @@ fn usage(id: &SandboxId) -> forkd_core::ResourceUsage {
     controller().resource_usage(id).expect("resource usage").expect("the sandbox has a cgroup")
 }
 
-/// A child of `source` whose cgroup has `limits` instead of the source's.
+/// A child of `source` whose cgroup has `limits` instead of the source's (none: the source's).
 fn child_with(source: &SandboxId, limits: ResourceLimits) -> SandboxId {
-    let r = controller().branch(source, &BranchOptions { count: 1, limits }).expect("branch with limits");
+    let r = controller().branch(source, &BranchOptions { count: 1, limits }).expect("branch");
     r.children[0].id.clone()
 }
 
@@ -347,7 +346,7 @@ fn branch_limit_overrides_are_in_force_in_the_children_only() {
     let in_source = limits_in_force(&source.id);
     assert_eq!((in_source.cpu_quota_us, in_source.pids_max, in_source.io), (None, None, None));
 
-    let grandchild = nat_child_of(&child);
+    let grandchild = child_with(&child, ResourceLimits::default());
     let in_grandchild = limits_in_force(&grandchild);
     assert_eq!(
         forkd_cgroup::Limits { io: None, ..in_grandchild.clone() },
@@ -358,10 +357,6 @@ fn branch_limit_overrides_are_in_force_in_the_children_only() {
     for id in [&grandchild, &child] {
         controller().destroy(id).unwrap();
     }
-}
-
-fn nat_child_of(id: &SandboxId) -> SandboxId {
-    controller().branch(id, &BranchOptions::count(1)).expect("branch").children[0].id.clone()
 }
 
 /// The pids limit bounds the VMM's tasks: a child whose `limits.pids` is the number of tasks

@@ -32,13 +32,39 @@ pub fn require_root() {
         let ok = Command::new(tool).arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
         assert!(ok, "`{tool}` is missing: apt-get install iproute2 nftables");
     }
+    static LEFTOVERS: std::sync::Once = std::sync::Once::new();
+    LEFTOVERS.call_once(remove_fixtures_of_dead_runs);
+}
+
+/// Fixture namespaces and links (`fkt-<tag><pid>x<n>`) of test processes that are gone: an
+/// interrupted run must not break the next one (the outside network's address is fixed).
+fn remove_fixtures_of_dead_runs() {
+    let owner_alive = |name: &str| {
+        let Some(rest) = name.strip_prefix("fkt-") else { return true };
+        let pid: String = rest
+            .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        pid.is_empty() || std::path::Path::new("/proc").join(&pid).exists()
+    };
+    let first_word = |line: &str| line.split_whitespace().next().unwrap_or_default().to_owned();
+    for ns in ip_output(&["netns", "list"]).lines().map(first_word).filter(|n| !owner_alive(n)) {
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    }
+    let links = ip_output(&["-o", "link", "show"]);
+    let names = links.lines().filter_map(|l| Some(l.split(": ").nth(1)?.split('@').next()?.to_owned()));
+    for link in names.filter(|n| !owner_alive(n)) {
+        let _ = Command::new("ip").args(["link", "del", &link]).output();
+    }
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// A short unique name part for this test process.
+/// A unique name part for this test process: `<tag><pid>x<n>` (at most 15 bytes with the
+/// `fkt-o` tag, within IFNAMSIZ).
 pub fn unique(tag: &str) -> String {
-    format!("{tag}{}x{}", std::process::id() % 10000, COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!("{tag}{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 pub fn ip(args: &[&str]) {
