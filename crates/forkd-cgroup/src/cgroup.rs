@@ -1,12 +1,16 @@
-//! [`SandboxCgroup`]: one sandbox's cgroup, in every hierarchy that serves a controller we use.
+//! [`SandboxCgroup`]: one sandbox's cgroup, made and driven through cgroups-rs.
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cgroups_rs::blkio::BlkIoController;
+use cgroups_rs::cpu::CpuController;
+use cgroups_rs::memory::MemController;
+use cgroups_rs::pid::PidController;
+use cgroups_rs::{Cgroup, CgroupPid, Controller as _, MaxValue};
 use serde::{Deserialize, Serialize};
 
-use crate::hierarchy::{own_path, Controller, Layout, Version};
+use crate::host::{hierarchy, mount_of, Controller};
 use crate::limits::{block_device_of, Limits};
 use crate::usage::{self, Usage};
 use crate::CgroupError;
@@ -14,41 +18,35 @@ use crate::CgroupError;
 /// Where sandbox cgroups go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CgroupConfig {
-    /// Directory (relative, one or more components) holding every sandbox cgroup.
+    /// Directory (relative to each hierarchy's root, one or more components) holding every
+    /// sandbox cgroup. At the root rather than under the launcher's own cgroup: VMMs outlive
+    /// the launcher and its service.
     pub parent: PathBuf,
-    /// Under the hierarchy root (default: VMMs outlive the launcher and its service's cgroup)
-    /// or under the calling process's own cgroup in each hierarchy.
-    pub nest_under_self: bool,
 }
 
 impl Default for CgroupConfig {
     fn default() -> Self {
-        CgroupConfig { parent: PathBuf::from("forkd"), nest_under_self: false }
+        CgroupConfig { parent: default_parent() }
     }
 }
 
-/// One directory of a sandbox's cgroup.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CgroupDir {
-    pub version: Version,
-    pub path: PathBuf,
-    pub controllers: Vec<Controller>,
+fn default_parent() -> PathBuf {
+    PathBuf::from("forkd")
 }
 
-/// A sandbox's cgroup: one directory per hierarchy (one in total on pure v2).
+/// A sandbox's cgroup: `<parent>/<name>` in every hierarchy serving one of our controllers
+/// (one directory in total on v2). Serializable, so a restarted launcher can find it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxCgroup {
     pub name: String,
     pub limits: Limits,
-    pub dirs: Vec<CgroupDir>,
+    #[serde(default = "default_parent")]
+    pub parent: PathBuf,
 }
 
-fn io_err(what: String) -> impl FnOnce(io::Error) -> CgroupError {
-    move |source| CgroupError::Io { what, source }
-}
-
-pub(crate) fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
-    std::fs::write(path, value).map_err(io_err(format!("writing {value:?} to {}", path.display())))
+pub(crate) fn cgroups_err(what: impl Into<String>) -> impl FnOnce(cgroups_rs::error::Error) -> CgroupError {
+    let what = what.into();
+    move |source| CgroupError::Cgroup { what, source }
 }
 
 fn validate_name(name: &str) -> Result<(), CgroupError> {
@@ -63,61 +61,33 @@ fn validate_name(name: &str) -> Result<(), CgroupError> {
     }
 }
 
-/// The parent directory of sandbox cgroups in each hierarchy that serves one of ours, with
-/// the controllers it serves.
-pub(crate) fn parents(cfg: &CgroupConfig) -> Result<Vec<CgroupDir>, CgroupError> {
-    let layout = Layout::detect().map_err(io_err("reading /proc/self/mountinfo".into()))?;
-    let own = if cfg.nest_under_self {
-        std::fs::read_to_string("/proc/self/cgroup").map_err(io_err("reading /proc/self/cgroup".into()))?
+/// A cgroups-rs handle on `path` (relative) in the hierarchies of our controllers. Cheap: it
+/// reads the mount table, touches nothing.
+pub(crate) fn handle_at(path: &Path) -> Cgroup {
+    let hier = hierarchy();
+    if hier.v2() {
+        // cgroups-rs 0.3 checks "specified controllers" against the v2 names but lists its io
+        // subsystem as "blkio", so on v2 the handle takes every controller the host offers.
+        Cgroup::load(hier, path)
     } else {
-        String::new()
-    };
-    let mut dirs: Vec<CgroupDir> = Vec::new();
-    for controller in Controller::ALL {
-        let Some(h) = layout.for_controller(controller) else {
-            continue;
-        };
-        if h.version == Version::V2 && controller == Controller::Cpuacct {
-            continue;
-        }
-        let base = if cfg.nest_under_self {
-            let rel = own_path(h, &own).unwrap_or_else(|| PathBuf::from("/"));
-            h.mount.join(rel.strip_prefix("/").unwrap_or(&rel))
-        } else {
-            h.mount.clone()
-        };
-        let path = base.join(&cfg.parent);
-        match dirs.iter_mut().find(|d| d.path == path) {
-            Some(d) => d.controllers.push(controller),
-            None => dirs.push(CgroupDir { version: h.version, path, controllers: vec![controller] }),
-        }
+        let ours = Controller::ALL.iter().map(|c| c.v1_name().to_owned()).collect();
+        Cgroup::load_with_specified_controllers(hier, path, ours)
     }
-    Ok(dirs)
 }
 
-/// On v2, `parent` and every directory above it (from the mount down) must delegate our
-/// controllers to their children. Creates the missing directories on the way.
-fn enable_v2_controllers(mount: &Path, parent: &Path, controllers: &[Controller]) -> Result<(), CgroupError> {
-    let wanted: Vec<&str> = controllers.iter().filter_map(|c| c.v2_name()).collect();
-    let mut chain = vec![mount.to_path_buf()];
-    let mut current = mount.to_path_buf();
-    for component in parent.strip_prefix(mount).unwrap_or(Path::new("")).components() {
-        current.push(component);
-        chain.push(current.clone());
-    }
-    for dir in chain {
-        if !dir.exists() {
-            std::fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        }
-        let control = dir.join("cgroup.subtree_control");
-        let enabled = std::fs::read_to_string(&control).unwrap_or_default();
-        let missing: Vec<String> =
-            wanted.iter().filter(|w| !enabled.split_whitespace().any(|e| e == **w)).map(|w| format!("+{w}")).collect();
-        if !missing.is_empty() {
-            write_file(&control, &missing.join(" "))?;
-        }
-    }
-    Ok(())
+/// The directories of a handle, one per hierarchy.
+pub(crate) fn dirs_of(handle: &Cgroup) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = handle.subsystems().iter().map(|s| s.to_controller().path().to_path_buf()).collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// One of cgroups-rs's per-device throttle setters: (controller, major, minor, value).
+type Throttle = fn(&BlkIoController, u64, u64, u64) -> cgroups_rs::error::Result<()>;
+
+fn to_i64(value: u64, what: &str) -> Result<i64, CgroupError> {
+    i64::try_from(value).map_err(|_| CgroupError::InvalidLimits(format!("{what} is too large")))
 }
 
 impl SandboxCgroup {
@@ -126,123 +96,104 @@ impl SandboxCgroup {
     pub fn create(name: &str, limits: &Limits, cfg: &CgroupConfig) -> Result<SandboxCgroup, CgroupError> {
         validate_name(name)?;
         limits.validate()?;
-        let parents = parents(cfg)?;
-        let layout = Layout::detect().map_err(io_err("reading /proc/self/mountinfo".into()))?;
         let needed = [
             (limits.memory_bytes.is_some(), Controller::Memory),
             (limits.cpu_quota_us.is_some(), Controller::Cpu),
             (limits.io.is_some(), Controller::Io),
             (limits.pids_max.is_some(), Controller::Pids),
         ];
-        for (wanted, controller) in needed {
-            if wanted && !parents.iter().any(|d| d.controllers.contains(&controller)) {
-                return Err(CgroupError::Unsupported(controller));
-            }
+        if let Some((_, missing)) = needed.iter().find(|(wanted, c)| *wanted && mount_of(*c).is_none()) {
+            return Err(CgroupError::Unsupported(*missing));
         }
-        let mut cgroup = SandboxCgroup { name: name.to_owned(), limits: limits.clone(), dirs: Vec::new() };
-        for parent in parents {
-            let path = parent.path.join(name);
-            if parent.version == Version::V2 {
-                let mount = layout.v2().map(|h| h.mount.clone()).unwrap_or_default();
-                enable_v2_controllers(&mount, &parent.path, &parent.controllers)?;
-            }
-            std::fs::create_dir_all(&parent.path).map_err(io_err(format!("creating {}", parent.path.display())))?;
-            match std::fs::create_dir(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let _ = cgroup.destroy();
-                    return Err(CgroupError::Exists(path));
-                }
-                Err(e) => {
-                    let _ = cgroup.destroy();
-                    return Err(io_err(format!("creating {}", path.display()))(e));
-                }
-            }
-            cgroup.dirs.push(CgroupDir { version: parent.version, path, controllers: parent.controllers });
+        let cgroup = SandboxCgroup { name: name.to_owned(), limits: limits.clone(), parent: cfg.parent.clone() };
+        let handle = cgroup.handle();
+        if handle.exists() {
+            return Err(CgroupError::Exists(cgroup.relative_path()));
         }
-        if let Err(e) = cgroup.apply_limits() {
+        let made = handle
+            .create()
+            .map_err(cgroups_err(format!("creating cgroup {}", cgroup.relative_path().display())))
+            .and_then(|()| cgroup.check_created(&handle))
+            .and_then(|()| cgroup.apply_limits(&handle));
+        if let Err(e) = made {
             let _ = cgroup.destroy();
             return Err(e);
         }
         Ok(cgroup)
     }
 
+    /// cgroups-rs only logs a v1 directory it failed to make; a missing one is an error here.
+    fn check_created(&self, handle: &Cgroup) -> Result<(), CgroupError> {
+        match dirs_of(handle).into_iter().find(|d| !d.is_dir()) {
+            None => Ok(()),
+            Some(dir) => Err(CgroupError::Io {
+                what: format!("creating {}", dir.display()),
+                source: std::io::Error::other("the cgroup directory was not made (needs root; see `forkd doctor`)"),
+            }),
+        }
+    }
+
     /// Re-finds an existing cgroup `name` (e.g. after the launcher restarted).
     pub fn open(name: &str, limits: Limits, cfg: &CgroupConfig) -> Result<SandboxCgroup, CgroupError> {
         validate_name(name)?;
-        let dirs: Vec<CgroupDir> = parents(cfg)?
-            .into_iter()
-            .map(|p| CgroupDir { path: p.path.join(name), ..p })
-            .filter(|d| d.path.is_dir())
-            .collect();
-        if dirs.is_empty() {
+        let cgroup = SandboxCgroup { name: name.to_owned(), limits, parent: cfg.parent.clone() };
+        if !cgroup.handle().exists() {
             return Err(CgroupError::NotFound(name.to_owned()));
         }
-        Ok(SandboxCgroup { name: name.to_owned(), limits, dirs })
+        Ok(cgroup)
     }
 
-    /// The directory serving `controller`.
-    pub fn dir(&self, controller: Controller) -> Option<&CgroupDir> {
-        self.dirs.iter().find(|d| d.controllers.contains(&controller))
+    /// `<parent>/<name>`, relative to each hierarchy's root.
+    pub fn relative_path(&self) -> PathBuf {
+        self.parent.join(&self.name)
     }
 
-    fn apply_limits(&self) -> Result<(), CgroupError> {
+    pub(crate) fn handle(&self) -> Cgroup {
+        handle_at(&self.relative_path())
+    }
+
+    /// The cgroup's directories, one per hierarchy (one in total on v2).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        dirs_of(&self.handle())
+    }
+
+    fn apply_limits(&self, cg: &Cgroup) -> Result<(), CgroupError> {
         let limits = &self.limits;
-        if let (Some(bytes), Some(d)) = (limits.memory_bytes, self.dir(Controller::Memory)) {
-            match d.version {
-                Version::V1 => {
-                    write_file(&d.path.join("memory.limit_in_bytes"), &bytes.to_string())?;
-                    // With swap accounting, swap must not extend the limit (memsw >= mem).
-                    let memsw = d.path.join("memory.memsw.limit_in_bytes");
-                    if memsw.exists() {
-                        write_file(&memsw, &bytes.to_string())?;
-                    }
-                }
-                Version::V2 => {
-                    write_file(&d.path.join("memory.max"), &bytes.to_string())?;
-                    let swap = d.path.join("memory.swap.max");
-                    if swap.exists() {
-                        write_file(&swap, "0")?;
-                    }
-                }
+        let controller = |c: Controller| CgroupError::Unsupported(c);
+        if let Some(bytes) = limits.memory_bytes {
+            let mem: &MemController = cg.controller_of().ok_or(controller(Controller::Memory))?;
+            let bytes = to_i64(bytes, "memory_bytes")?;
+            mem.set_limit(bytes).map_err(cgroups_err("setting the memory limit"))?;
+            // Swap must not extend the limit: v1 memory+swap = memory, v2 no swap at all.
+            let (swap_file, swap_limit) =
+                if cg.v2() { ("memory.swap.max", 0) } else { ("memory.memsw.limit_in_bytes", bytes) };
+            if mem.path().join(swap_file).exists() {
+                mem.set_memswap_limit(swap_limit).map_err(cgroups_err("setting the swap limit"))?;
             }
         }
-        if let (Some((quota, period)), Some(d)) = (limits.cpu(), self.dir(Controller::Cpu)) {
-            match d.version {
-                Version::V1 => {
-                    write_file(&d.path.join("cpu.cfs_period_us"), &period.to_string())?;
-                    write_file(&d.path.join("cpu.cfs_quota_us"), &quota.to_string())?;
-                }
-                Version::V2 => write_file(&d.path.join("cpu.max"), &format!("{quota} {period}"))?,
-            }
+        if let Some((quota, period)) = limits.cpu() {
+            let cpu: &CpuController = cg.controller_of().ok_or(controller(Controller::Cpu))?;
+            cpu.set_cfs_period(period).map_err(cgroups_err("setting the cpu period"))?;
+            cpu.set_cfs_quota(to_i64(quota, "cpu_quota_us")?).map_err(cgroups_err("setting the cpu quota"))?;
         }
-        if let (Some(max), Some(d)) = (limits.pids_max, self.dir(Controller::Pids)) {
-            write_file(&d.path.join("pids.max"), &max.to_string())?;
+        if let Some(max) = limits.pids_max {
+            let pids: &PidController = cg.controller_of().ok_or(controller(Controller::Pids))?;
+            let max = MaxValue::Value(to_i64(max, "pids_max")?);
+            pids.set_pid_max(max).map_err(cgroups_err("setting the pids limit"))?;
         }
-        if let (Some(io), Some(d)) = (&limits.io, self.dir(Controller::Io)) {
+        if let Some(io) = &limits.io {
+            let blkio: &BlkIoController = cg.controller_of().ok_or(controller(Controller::Io))?;
             let dev = block_device_of(&io.path)?;
-            let values = [
-                ("read_bps_device", "rbps", io.read_bps),
-                ("write_bps_device", "wbps", io.write_bps),
-                ("read_iops_device", "riops", io.read_iops),
-                ("write_iops_device", "wiops", io.write_iops),
+            let (major, minor) = (u64::from(dev.major), u64::from(dev.minor));
+            let throttles: [(Option<u64>, Throttle); 4] = [
+                (io.read_bps, BlkIoController::throttle_read_bps_for_device),
+                (io.write_bps, BlkIoController::throttle_write_bps_for_device),
+                (io.read_iops, BlkIoController::throttle_read_iops_for_device),
+                (io.write_iops, BlkIoController::throttle_write_iops_for_device),
             ];
-            match d.version {
-                Version::V1 => {
-                    for (file, _, value) in values {
-                        if let Some(v) = value {
-                            write_file(&d.path.join(format!("blkio.throttle.{file}")), &format!("{dev} {v}"))?;
-                        }
-                    }
-                }
-                Version::V2 => {
-                    let mut line = dev.to_string();
-                    for (_, key, value) in values {
-                        if let Some(v) = value {
-                            line.push_str(&format!(" {key}={v}"));
-                        }
-                    }
-                    write_file(&d.path.join("io.max"), &line)?;
+            for (value, set) in throttles {
+                if let Some(v) = value {
+                    set(blkio, major, minor, v).map_err(cgroups_err(format!("throttling I/O on {dev}")))?;
                 }
             }
         }
@@ -251,23 +202,14 @@ impl SandboxCgroup {
 
     /// Moves process `pid` (all its threads) into this cgroup.
     pub fn add_pid(&self, pid: u32) -> Result<(), CgroupError> {
-        for d in &self.dirs {
-            write_file(&d.path.join("cgroup.procs"), &pid.to_string())?;
-        }
-        Ok(())
+        self.handle()
+            .add_task_by_tgid(CgroupPid::from(u64::from(pid)))
+            .map_err(cgroups_err(format!("moving process {pid} into cgroup {}", self.name)))
     }
 
     /// Processes in the cgroup.
     pub fn pids(&self) -> Result<Vec<u32>, CgroupError> {
-        let Some(d) = self.dirs.first() else {
-            return Ok(Vec::new());
-        };
-        let path = d.path.join("cgroup.procs");
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
-        }
+        Ok(self.handle().procs().into_iter().filter_map(|p| u32::try_from(p.pid).ok()).filter(|p| *p != 0).collect())
     }
 
     /// SIGKILLs every process in the cgroup and waits (up to `timeout`) until it is empty.
@@ -293,18 +235,18 @@ impl SandboxCgroup {
 
     /// Usage figures (those the host's controllers report).
     pub fn usage(&self) -> Result<Usage, CgroupError> {
-        usage::read_usage(self)
+        usage::read_usage(&self.handle())
     }
 
-    /// The limits the kernel enforces now, read back from the cgroup's files (unlimited
-    /// resources are `None`; the I/O path is the one the limits were made for).
+    /// The limits the kernel enforces now, read back from the cgroup (unlimited resources are
+    /// `None`; the I/O path is the one the limits were made for).
     pub fn limits_in_force(&self) -> Result<Limits, CgroupError> {
-        crate::in_force::read_limits(self)
+        crate::in_force::read_limits(&self.handle(), &self.limits)
     }
 
     /// Number of processes the kernel OOM-killed because of this cgroup's memory limit.
     pub fn oom_kills(&self) -> Result<u64, CgroupError> {
-        usage::oom_kills(self)
+        usage::oom_kills(&self.handle())
     }
 
     /// True once a process was killed by the memory limit.
@@ -315,27 +257,21 @@ impl SandboxCgroup {
     /// Removes the cgroup. Idempotent. Processes must be gone (see [`Self::kill_all`]);
     /// exiting ones are waited for briefly.
     pub fn destroy(&self) -> Result<(), CgroupError> {
-        for d in &self.dirs {
-            remove_dir(&d.path, Duration::from_secs(2))?;
-        }
-        Ok(())
+        remove(&self.handle(), &self.name, Duration::from_secs(2))
     }
 }
 
-/// rmdir with a short retry: a cgroup stays busy until its last task is reaped.
-pub(crate) fn remove_dir(path: &Path, patience: Duration) -> Result<(), CgroupError> {
+/// Deletes a cgroup, retrying while its last tasks are being reaped.
+pub(crate) fn remove(handle: &Cgroup, name: &str, patience: Duration) -> Result<(), CgroupError> {
     let deadline = Instant::now() + patience;
     loop {
-        match std::fs::remove_dir(path) {
+        // cgroups-rs itself retries for ~0.3 s before giving up.
+        match handle.delete() {
             Ok(()) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                return Err(CgroupError::Busy(path.display().to_string()));
-            }
-            Err(e) => return Err(io_err(format!("removing {}", path.display()))(e)),
+            Err(_) if !handle.exists() => return Ok(()),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) if handle.procs().is_empty() => return Err(cgroups_err(format!("removing cgroup {name}"))(e)),
+            Err(_) => return Err(CgroupError::Busy(name.to_owned())),
         }
     }
 }

@@ -1,10 +1,15 @@
-//! Reading back the limits the kernel enforces on a sandbox's cgroup (v1 and v2 formats),
-//! so callers can show and check what is in force rather than what was asked for.
+//! Reading back the limits the kernel enforces on a sandbox's cgroup, so callers can show and
+//! check what is in force rather than what was asked for.
 
 use std::path::Path;
 
-use crate::cgroup::SandboxCgroup;
-use crate::hierarchy::{Controller, Version};
+use cgroups_rs::blkio::BlkIoController;
+use cgroups_rs::cpu::CpuController;
+use cgroups_rs::memory::MemController;
+use cgroups_rs::pid::PidController;
+use cgroups_rs::{Cgroup, Controller as _, MaxValue};
+
+use crate::cgroup::cgroups_err;
 use crate::limits::{IoLimits, Limits};
 use crate::CgroupError;
 
@@ -19,15 +24,6 @@ fn read(path: &Path) -> Result<String, CgroupError> {
 /// A single value where `max` (v2, pids) or `-1` (v1 quota) means unlimited.
 fn limit_value(text: &str) -> Option<u64> {
     text.trim().parse().ok()
-}
-
-/// v2 `cpu.max`: `QUOTA PERIOD`, QUOTA `max` when unlimited.
-fn v2_cpu(text: &str) -> (Option<u64>, Option<u64>) {
-    let mut parts = text.split_whitespace();
-    match (parts.next().and_then(limit_value), parts.next().and_then(limit_value)) {
-        (Some(quota), period) => (Some(quota), period),
-        (None, _) => (None, None),
-    }
 }
 
 /// v1 `blkio.throttle.*_device`: `MAJ:MIN VALUE` lines; the sandbox limits one device.
@@ -49,42 +45,48 @@ fn v2_io(text: &str) -> Option<[Option<u64>; 4]> {
     Some(values)
 }
 
-pub(crate) fn read_limits(cg: &SandboxCgroup) -> Result<Limits, CgroupError> {
+pub(crate) fn read_limits(cg: &Cgroup, asked: &Limits) -> Result<Limits, CgroupError> {
     let mut limits = Limits::default();
-    if let Some(d) = cg.dir(Controller::Memory) {
-        limits.memory_bytes = match d.version {
-            Version::V1 => {
-                limit_value(&read(&d.path.join("memory.limit_in_bytes"))?).filter(|b| *b < V1_UNLIMITED_MEMORY)
+    if let Some(mem) = cg.controller_of::<MemController>() {
+        limits.memory_bytes = if cg.v2() {
+            match mem.get_mem().map_err(cgroups_err("reading the memory limit"))?.max {
+                Some(MaxValue::Value(bytes)) => u64::try_from(bytes).ok(),
+                _ => None,
             }
-            Version::V2 => limit_value(&read(&d.path.join("memory.max"))?),
+        } else {
+            u64::try_from(mem.memory_stat().limit_in_bytes).ok().filter(|b| *b < V1_UNLIMITED_MEMORY)
         };
     }
-    if let Some(d) = cg.dir(Controller::Cpu) {
-        (limits.cpu_quota_us, limits.cpu_period_us) = match d.version {
-            Version::V1 => match limit_value(&read(&d.path.join("cpu.cfs_quota_us"))?) {
-                Some(quota) => (Some(quota), limit_value(&read(&d.path.join("cpu.cfs_period_us"))?)),
-                None => (None, None),
-            },
-            Version::V2 => v2_cpu(&read(&d.path.join("cpu.max"))?),
+    if let Some(cpu) = cg.controller_of::<CpuController>() {
+        // Unlimited is -1 on v1 and `max` on v2, which cgroups-rs also reads as -1.
+        let quota = cpu.cfs_quota().map_err(cgroups_err("reading the cpu quota"))?;
+        if let Ok(quota) = u64::try_from(quota) {
+            limits.cpu_quota_us = Some(quota);
+            limits.cpu_period_us = Some(cpu.cfs_period().map_err(cgroups_err("reading the cpu period"))?);
+        }
+    }
+    if let Some(pids) = cg.controller_of::<PidController>() {
+        limits.pids_max = match pids.get_pid_max().map_err(cgroups_err("reading the pids limit"))? {
+            MaxValue::Value(max) => u64::try_from(max).ok(),
+            MaxValue::Max => None,
         };
     }
-    if let Some(d) = cg.dir(Controller::Pids) {
-        limits.pids_max = limit_value(&read(&d.path.join("pids.max"))?);
-    }
-    if let Some(d) = cg.dir(Controller::Io) {
-        let values = match d.version {
-            Version::V1 => {
-                let mut values = [None; 4];
-                for (slot, file) in ["read_bps", "write_bps", "read_iops", "write_iops"].iter().enumerate() {
-                    values[slot] = v1_device_value(&read(&d.path.join(format!("blkio.throttle.{file}_device")))?);
-                }
-                values
+    if let Some(blkio) = cg.controller_of::<BlkIoController>() {
+        // Read here: cgroups-rs 0.3 does not read io.max, and its v1 parser assumes minors
+        // fit in an i16.
+        let dir = blkio.path();
+        let values = if cg.v2() {
+            v2_io(&read(&dir.join("io.max"))?).unwrap_or_default()
+        } else {
+            let mut values = [None; 4];
+            for (slot, file) in ["read_bps", "write_bps", "read_iops", "write_iops"].iter().enumerate() {
+                values[slot] = v1_device_value(&read(&dir.join(format!("blkio.throttle.{file}_device")))?);
             }
-            Version::V2 => v2_io(&read(&d.path.join("io.max"))?).unwrap_or_default(),
+            values
         };
         if values.iter().any(Option::is_some) {
             let [read_bps, write_bps, read_iops, write_iops] = values;
-            let path = cg.limits.io.as_ref().map(|io| io.path.clone()).unwrap_or_default();
+            let path = asked.io.as_ref().map(|io| io.path.clone()).unwrap_or_default();
             limits.io = Some(IoLimits { path, read_bps, write_bps, read_iops, write_iops });
         }
     }
@@ -100,8 +102,6 @@ mod tests {
         assert_eq!(limit_value("max\n"), None);
         assert_eq!(limit_value("-1\n"), None);
         assert_eq!(limit_value("64\n"), Some(64));
-        assert_eq!(v2_cpu("max 100000\n"), (None, None));
-        assert_eq!(v2_cpu("25000 100000\n"), (Some(25_000), Some(100_000)));
         assert_eq!(v1_device_value(""), None);
         assert_eq!(v1_device_value("254:0 262144\n"), Some(262_144));
         assert_eq!(

@@ -1,7 +1,8 @@
-//! Per-sandbox cgroups for forkd, on cgroup v1, v2 or a mix of both.
+//! Per-sandbox cgroups for forkd on cgroup v1 (hybrid hosts included) and v2, built on
+//! cgroups-rs.
 //!
 //! One cgroup per sandbox (`<hierarchy>/forkd/<name>` in each hierarchy that serves one of
-//! our controllers; a single directory on pure v2) holds the sandbox's VMM process. Limits:
+//! our controllers; a single directory on v2) holds the sandbox's VMM process. Limits:
 //! memory, CPU quota, block I/O on the disk backing a file, tasks. Usage counters and
 //! OOM-kill detection let the controller report "killed by the memory limit" clearly.
 //!
@@ -22,14 +23,14 @@
 
 mod cgroup;
 mod cleanup;
-pub mod hierarchy;
+pub mod host;
 mod in_force;
 mod limits;
 mod usage;
 
-pub use cgroup::{CgroupConfig, CgroupDir, SandboxCgroup};
+pub use cgroup::{CgroupConfig, SandboxCgroup};
 pub use cleanup::{cleanup_stale, doctor, CleanupReport, Support};
-pub use hierarchy::{Controller, Layout, Version};
+pub use host::{Controller, Version};
 pub use limits::{block_device_of, DevNum, IoLimits, Limits};
 pub use usage::Usage;
 
@@ -38,13 +39,15 @@ pub use usage::Usage;
 pub enum CgroupError {
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    #[error("{what}: {source}")]
+    Cgroup { what: String, source: cgroups_rs::error::Error },
     #[error("the {0:?} controller is not available on this host (see `forkd doctor`)")]
     Unsupported(Controller),
     #[error("invalid limits: {0}")]
     InvalidLimits(String),
     #[error("invalid cgroup name {0:?}: use 1-128 characters from [A-Za-z0-9._-]")]
     InvalidName(String),
-    #[error("cgroup {} already exists (run cleanup_stale if it is left over)", .0.display())]
+    #[error("cgroup {} already exists (run cleanup_stale, or `forkd cleanup`, if it is left over)", .0.display())]
     Exists(std::path::PathBuf),
     #[error("no cgroup named {0}")]
     NotFound(String),

@@ -233,7 +233,7 @@ fn destroy_leaves_no_namespace_link_or_cgroup() {
     let id = nat_child();
     let ns = format!("fkd-{id}");
     assert!(ip_output(&["netns", "list"]).contains(&ns));
-    let dirs: Vec<PathBuf> = cgroup(&id).expect("the sandbox's cgroup").dirs.into_iter().map(|d| d.path).collect();
+    let dirs: Vec<PathBuf> = cgroup(&id).expect("the sandbox's cgroup").dirs();
     let veths = || ip_output(&["-o", "link", "show"]).lines().filter(|l| l.contains("fkd-h")).count();
     let before = veths();
     controller().destroy(&id).unwrap();

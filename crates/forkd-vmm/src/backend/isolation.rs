@@ -143,10 +143,10 @@ pub fn teardown(net: Option<&SandboxNetwork>, cgroup: Option<&SandboxCgroup>) ->
 /// launcher child can move itself in before exec with a plain `write(fd, "0")`.
 pub fn procs_files(cgroup: &SandboxCgroup) -> Result<Vec<std::fs::File>> {
     cgroup
-        .dirs
+        .dirs()
         .iter()
         .map(|d| {
-            let path = d.path.join("cgroup.procs");
+            let path = d.join("cgroup.procs");
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(&path)
