@@ -10,7 +10,7 @@ use cgroups_rs::pid::PidController;
 use cgroups_rs::{Cgroup, CgroupPid, Controller as _, MaxValue};
 use serde::{Deserialize, Serialize};
 
-use crate::host::{hierarchy, mount_of, Controller};
+use crate::host::{hierarchy, Controller};
 use crate::limits::{block_device_of, Limits};
 use crate::usage::{self, Usage};
 use crate::CgroupError;
@@ -102,11 +102,13 @@ impl SandboxCgroup {
             (limits.io.is_some(), Controller::Io),
             (limits.pids_max.is_some(), Controller::Pids),
         ];
-        if let Some((_, missing)) = needed.iter().find(|(wanted, c)| *wanted && mount_of(*c).is_none()) {
-            return Err(CgroupError::Unsupported(*missing));
-        }
         let cgroup = SandboxCgroup { name: name.to_owned(), limits: limits.clone(), parent: cfg.parent.clone() };
         let handle = cgroup.handle();
+        // The handle holds a subsystem for each controller this host offers.
+        let offered = |c: Controller| handle.subsystems().iter().any(|s| s.controller_name() == c.v1_name());
+        if let Some((_, missing)) = needed.iter().find(|(wanted, c)| *wanted && !offered(*c)) {
+            return Err(CgroupError::Unsupported(*missing));
+        }
         if handle.exists() {
             return Err(CgroupError::Exists(cgroup.relative_path()));
         }

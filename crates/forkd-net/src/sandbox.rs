@@ -11,7 +11,7 @@
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -92,9 +92,9 @@ impl SandboxNetwork {
         }
         // A host link can exist without a lease here: another forkd with its own state
         // directory, or a crashed run whose state is gone. Its slot is not ours to reuse.
-        let host_links = rtnl::run(None, "listing host links", |h| async move { rtnl::link_names(&h).await })?;
+        // (sysfs shows the host namespace's links, at the cost of a stat.)
         let slot = leases.allocate(id, cfg.slots(), |slot| {
-            let busy = host_links.contains(&host_if_name(slot));
+            let busy = Path::new("/sys/class/net").join(host_if_name(slot)).exists();
             if busy {
                 tracing::warn!(link = %host_if_name(slot), "host link exists without a lease here; skipping its slot (run `forkd cleanup` if it is left from a crash)");
             }
