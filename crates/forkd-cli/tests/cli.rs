@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock, RwLockReadGuard};
 
 struct Env {
     state: tempfile::TempDir,
@@ -60,8 +60,17 @@ fn run(args: &[&str]) -> Output {
     forkd(env().state.path(), args)
 }
 
+/// Tests run concurrently and make sandboxes in the shared state directory; the one that counts
+/// them takes this exclusively.
+static SANDBOX_LIST: RwLock<()> = RwLock::new(());
+
+fn shared_sandbox_list() -> RwLockReadGuard<'static, ()> {
+    SANDBOX_LIST.read().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn run_passes_stdout_stderr_and_exit_status_through() {
+    let _shared = shared_sandbox_list();
     let out = run(&["run", "--", "sh", "-c", "echo hello; echo oops >&2; exit 3"]);
     assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "hello\n");
@@ -70,6 +79,7 @@ fn run_passes_stdout_stderr_and_exit_status_through() {
 
 #[test]
 fn run_of_a_missing_binary_is_a_clear_error() {
+    let _shared = shared_sandbox_list();
     let out = run(&["run", "--", "/no/such/binary"]);
     assert_eq!(out.status.code(), Some(125));
     let err = text(&out.stderr);
@@ -78,18 +88,19 @@ fn run_of_a_missing_binary_is_a_clear_error() {
 
 #[test]
 fn run_leaves_no_sandbox_behind() {
+    let _alone = SANDBOX_LIST.write().unwrap_or_else(|e| e.into_inner());
     let before = run(&["ls", "--json"]);
     let count = |o: &Output| serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap().as_array().unwrap().len();
     let n = count(&before);
     let out = run(&["run", "--", "true"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    // Other tests may run concurrently; this run's sandbox must not be among them.
     let after = run(&["ls", "--json"]);
-    assert!(count(&after) <= n + 2);
+    assert_eq!(count(&after), n, "`forkd run` left its sandbox: {}", text(&after.stdout));
 }
 
 #[test]
 fn create_exec_branch_ls_rm_with_json() {
+    let _shared = shared_sandbox_list();
     let out = run(&["create", "--from", "default", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"].as_str().unwrap().to_string();
@@ -124,6 +135,7 @@ fn create_exec_branch_ls_rm_with_json() {
 
 #[test]
 fn bad_input_fails_clearly_without_booting() {
+    let _shared = shared_sandbox_list();
     let state = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(images_dir(), state.path().join("images")).unwrap();
     let cases: &[(&[&str], &str)] = &[
@@ -147,6 +159,7 @@ fn bad_input_fails_clearly_without_booting() {
 
 #[test]
 fn a_corrupt_image_is_named_in_the_error() {
+    let _shared = shared_sandbox_list();
     let state = tempfile::tempdir().unwrap();
     let dir = state.path().join("images").join("broken");
     std::fs::create_dir_all(&dir).unwrap();
