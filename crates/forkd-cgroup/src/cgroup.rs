@@ -49,7 +49,7 @@ pub(crate) fn cgroups_err(what: impl Into<String>) -> impl FnOnce(cgroups_rs::er
     move |source| CgroupError::Cgroup { what, source }
 }
 
-fn validate_name(name: &str) -> Result<(), CgroupError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), CgroupError> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
@@ -211,7 +211,7 @@ impl SandboxCgroup {
 
     /// Processes in the cgroup.
     pub fn pids(&self) -> Result<Vec<u32>, CgroupError> {
-        Ok(self.handle().procs().into_iter().filter_map(|p| u32::try_from(p.pid).ok()).filter(|p| *p != 0).collect())
+        Ok(procs_of(&self.handle()))
     }
 
     /// SIGKILLs every process in the cgroup and waits (up to `timeout`) until it is empty.
@@ -263,6 +263,11 @@ impl SandboxCgroup {
     }
 }
 
+/// The processes of a handle's cgroup (cgroups-rs reads an unparsable line as pid 0).
+pub(crate) fn procs_of(handle: &Cgroup) -> Vec<u32> {
+    handle.procs().into_iter().filter_map(|p| u32::try_from(p.pid).ok()).filter(|p| *p != 0).collect()
+}
+
 /// Deletes a cgroup, retrying while its last tasks are being reaped.
 pub(crate) fn remove(handle: &Cgroup, name: &str, patience: Duration) -> Result<(), CgroupError> {
     let deadline = Instant::now() + patience;
@@ -272,7 +277,7 @@ pub(crate) fn remove(handle: &Cgroup, name: &str, patience: Duration) -> Result<
             Ok(()) => return Ok(()),
             Err(_) if !handle.exists() => return Ok(()),
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) if handle.procs().is_empty() => return Err(cgroups_err(format!("removing cgroup {name}"))(e)),
+            Err(e) if procs_of(handle).is_empty() => return Err(cgroups_err(format!("removing cgroup {name}"))(e)),
             Err(_) => return Err(CgroupError::Busy(name.to_owned())),
         }
     }

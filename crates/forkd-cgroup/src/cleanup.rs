@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::cgroup::{dirs_of, handle_at, remove, CgroupConfig, SandboxCgroup};
+use crate::cgroup::{dirs_of, handle_at, procs_of, remove, validate_name, CgroupConfig, SandboxCgroup};
 use crate::host::{self, Controller, Version};
 use crate::{CgroupError, Limits};
 
@@ -33,15 +33,16 @@ pub fn cleanup_stale(cfg: &CgroupConfig, keep: &[&str]) -> Result<CleanupReport,
     }
     let mut report = CleanupReport::default();
     for name in names {
-        let Ok(cgroup) = SandboxCgroup::open(&name, Limits::default(), cfg) else {
+        if validate_name(&name).is_err() {
             continue;
-        };
-        let path = cgroup.relative_path();
-        if !cgroup.pids()?.is_empty() {
+        }
+        let cgroup = SandboxCgroup { name, limits: Limits::default(), parent: cfg.parent.clone() };
+        let (handle, path) = (cgroup.handle(), cgroup.relative_path());
+        if !procs_of(&handle).is_empty() {
             report.busy.push(path);
             continue;
         }
-        match remove(&cgroup.handle(), &name, Duration::from_millis(200)) {
+        match remove(&handle, &cgroup.name, Duration::from_millis(200)) {
             Ok(()) => report.removed.push(path),
             Err(_) => report.busy.push(path),
         }

@@ -94,9 +94,10 @@ impl SandboxNetwork {
         // directory, or a crashed run whose state is gone. Its slot is not ours to reuse.
         // (sysfs shows the host namespace's links, at the cost of a stat.)
         let slot = leases.allocate(id, cfg.slots(), |slot| {
-            let busy = Path::new("/sys/class/net").join(host_if_name(slot)).exists();
+            let link = host_if_name(slot);
+            let busy = Path::new("/sys/class/net").join(&link).exists();
             if busy {
-                tracing::warn!(link = %host_if_name(slot), "host link exists without a lease here; skipping its slot (run `forkd cleanup` if it is left from a crash)");
+                tracing::warn!(%link, "host link exists without a lease here; skipping its slot (run `forkd cleanup` if it is left from a crash)");
             }
             busy
         })?;

@@ -5,7 +5,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Barrier;
 
 use forkd_net::{cleanup_stale, netns, AllowRule, NetMode, NetworkSpec, SandboxNetwork};
@@ -175,11 +174,11 @@ fn a_host_link_without_a_lease_keeps_its_slot() {
     let cfg = config(&state);
     // Left by a crashed run whose state directory is gone, or owned by another forkd.
     let foreign = format!("{}0", forkd_net::HOST_IF_PREFIX);
-    let _ = Command::new("ip").args(["link", "del", &foreign]).output();
+    ip_best_effort(&["link", "del", &foreign]);
     ip(&["link", "add", &foreign, "type", "veth", "peer", "name", &unique("fkt-p")]);
     let id = unique("tf");
     let net = SandboxNetwork::create(&id, &allow(&[]), &cfg);
-    let _ = Command::new("ip").args(["link", "del", &foreign]).output();
+    ip_best_effort(&["link", "del", &foreign]);
     let net = Guard(net.expect("a sandbox network must not need the foreign link's slot"));
     assert_eq!(net.nic.as_ref().unwrap().slot, 1, "slot 0's host link is taken");
     net.destroy().unwrap();

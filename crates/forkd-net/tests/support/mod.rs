@@ -50,12 +50,12 @@ fn remove_fixtures_of_dead_runs() {
     };
     let first_word = |line: &str| line.split_whitespace().next().unwrap_or_default().to_owned();
     for ns in ip_output(&["netns", "list"]).lines().map(first_word).filter(|n| !owner_alive(n)) {
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        ip_best_effort(&["netns", "del", &ns]);
     }
     let links = ip_output(&["-o", "link", "show"]);
     let names = links.lines().filter_map(|l| Some(l.split(": ").nth(1)?.split('@').next()?.to_owned()));
     for link in names.filter(|n| !owner_alive(n)) {
-        let _ = Command::new("ip").args(["link", "del", &link]).output();
+        ip_best_effort(&["link", "del", &link]);
     }
 }
 
@@ -70,6 +70,11 @@ pub fn unique(tag: &str) -> String {
 pub fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
     assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Runs `ip` and ignores the outcome: removals of what may already be gone (safe in `Drop`).
+pub fn ip_best_effort(args: &[&str]) {
+    let _ = Command::new("ip").args(args).output();
 }
 
 pub fn ip_output(args: &[&str]) -> String {
@@ -160,8 +165,8 @@ impl Outside {
 
 impl Drop for Outside {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+        ip_best_effort(&["link", "del", &self.host_if]);
+        ip_best_effort(&["netns", "del", &self.ns]);
     }
 }
 
@@ -222,7 +227,7 @@ impl Drop for FakeGuest {
         if let Some(p) = self.pump.take() {
             let _ = p.join();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+        ip_best_effort(&["netns", "del", &self.ns]);
     }
 }
 
