@@ -499,7 +499,15 @@ pub struct FrameDecoder {
     start: usize,
     end: usize,
     max: usize,
+    /// How much `fill_from` asks for next: starts small and doubles while reads come back
+    /// full, up to the caller's chunk. A connection carrying one small request then zeroes
+    /// one page instead of the whole chunk (in a BRANCH child every page the guest writes
+    /// stops being shared with its siblings).
+    window: usize,
 }
+
+/// The first read of a connection asks for this much.
+const FIRST_READ: usize = 4 << 10;
 
 impl Default for FrameDecoder {
     fn default() -> Self {
@@ -536,7 +544,7 @@ fn parse_prefix(b: &[u8]) -> Result<Prefix, FrameError> {
 impl FrameDecoder {
     /// A decoder rejecting frames longer than `max`.
     pub fn new(max: usize) -> Self {
-        Self { buf: Vec::new(), start: 0, end: 0, max }
+        Self { buf: Vec::new(), start: 0, end: 0, max, window: FIRST_READ }
     }
 
     /// Makes room for `n` more bytes after `end`.
@@ -564,11 +572,15 @@ impl FrameDecoder {
     /// Reads once from `r` (at most `chunk` bytes) into the buffer; returns the byte count
     /// (0 at end of stream).
     pub fn fill_from<R: Read + ?Sized>(&mut self, r: &mut R, chunk: usize) -> io::Result<usize> {
-        self.reserve(chunk);
+        let want = self.window.min(chunk).max(1);
+        self.reserve(want);
         loop {
-            match r.read(&mut self.buf[self.end..self.end + chunk]) {
+            match r.read(&mut self.buf[self.end..self.end + want]) {
                 Ok(n) => {
                     self.end += n;
+                    if n == want {
+                        self.window = want.saturating_mul(2);
+                    }
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -692,6 +704,26 @@ mod tests {
         }
         assert_eq!(out, vec![ping(), exec]);
         dec.finish().unwrap();
+    }
+
+    #[test]
+    fn small_requests_touch_one_page_and_bulk_reads_grow_to_the_chunk() {
+        let mut wire = Vec::new();
+        write_msg(&mut wire, &ping()).unwrap();
+        let mut dec = FrameDecoder::default();
+        dec.fill_from(&mut wire.as_slice(), 256 << 10).unwrap();
+        assert_eq!(dec.next_msg::<Request>().unwrap(), Some(ping()));
+        assert_eq!(dec.buf.len(), FIRST_READ, "a ping must not zero a whole read chunk");
+
+        let bulk = vec![7u8; 1 << 20];
+        let mut r = bulk.as_slice();
+        let mut sizes = Vec::new();
+        while !r.is_empty() {
+            sizes.push(dec.fill_from(&mut r, 64 << 10).unwrap());
+            dec.start = dec.end; // consume
+        }
+        assert_eq!(sizes.iter().sum::<usize>(), bulk.len());
+        assert_eq!(&sizes[..6], &[4 << 10, 8 << 10, 16 << 10, 32 << 10, 64 << 10, 64 << 10], "doubles up to the chunk");
     }
 
     #[test]

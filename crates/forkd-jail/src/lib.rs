@@ -43,10 +43,16 @@ impl JailConfig {
 }
 
 /// Capabilities the VMM keeps after the jail: `CAP_SYS_RESOURCE` (BRANCH children rename their
-/// command line with `PR_SET_MM`). Everything else goes from every set and from the bounding set.
-pub const KEPT_CAPS: &[u32] = &[libc_caps::CAP_SYS_RESOURCE];
+/// command line with `PR_SET_MM`) and `CAP_SYS_NICE` (BRANCH children bring their guests back
+/// from `SCHED_IDLE`, which the kernel allows without it only under an `RLIMIT_NICE` that root
+/// in a container may not be able to raise). The seccomp filter lets `CAP_SYS_NICE` lower
+/// priorities only: no real-time policies, no negative nice values. Everything else goes from
+/// every set and from the bounding set.
+pub const KEPT_CAPS: &[u32] = &[libc_caps::CAP_SYS_RESOURCE, libc_caps::CAP_SYS_NICE];
 
-mod libc_caps {
+/// Capability numbers (linux/capability.h).
+pub mod libc_caps {
+    pub const CAP_SYS_NICE: u32 = 23;
     pub const CAP_SYS_RESOURCE: u32 = 24;
     pub const CAP_LAST_CAP_GUESS: u32 = 63;
 }
@@ -154,6 +160,18 @@ pub fn drop_capabilities() -> Result<(), JailError> {
         return Err(last("capset"));
     }
     Ok(())
+}
+
+/// True when `cap` is in this thread's effective set (one `capget`, no file reads: usable in
+/// a forked, jailed process).
+pub fn has_effective_cap(cap: u32) -> bool {
+    let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget writes two data structs for a v3 header, which we pass.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut CapHeader, data.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    data.get((cap / 32) as usize).is_some_and(|d| d.effective & (1u32 << (cap % 32)) != 0)
 }
 
 /// Capability sets of this process as `/proc/self/status` shows them (CapEff, CapBnd), for

@@ -4,7 +4,8 @@
 //! sockets for control and vsock), vCPU threads (KVM ioctls, signals for kicks), virtio
 //! devices (file I/O on disk layers, tap reads and writes), and BRANCH: `fork` (clone), the
 //! child re-opening `/dev/kvm` and creating a new VM (openat + ioctl), hard-linking disk
-//! layers, renaming its command line (prctl), binding its own sockets. `socket(2)` is limited
+//! layers, renaming its command line (prctl), binding its own sockets, running its guest at idle
+//! priority while its siblings are still being built (sched_setscheduler). `socket(2)` is limited
 //! to `AF_UNIX`. Not on the list, among others: execve/execveat, ptrace, process_vm_*, mount,
 //! pivot_root, unshare, setns, bpf, perf_event_open, module loading, kexec, keyctl, reboot.
 
@@ -163,7 +164,8 @@ pub fn allowed_syscalls() -> Vec<(i64, &'static str)> {
         SYS_getrlimit,
         SYS_getrusage,
         SYS_getpriority,
-        SYS_setpriority,
+        SYS_sched_getscheduler,
+        SYS_sched_getparam,
         SYS_pidfd_open,
         SYS_restart_syscall,
         // time and randomness
@@ -187,6 +189,16 @@ fn filter() -> Result<BpfProgram, JailError> {
     let unix_only =
         SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64).map_err(err)?;
     rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![unix_only]).map_err(err)?]);
+    // The VMM keeps CAP_SYS_NICE to bring BRANCH children's guests back from SCHED_IDLE: allow
+    // normal and idle scheduling and nice 0..19 only, so it can never raise a priority above
+    // normal. (A negative nice is a large unsigned 32-bit value, so `<= 19` refuses it.)
+    let policy_is = |policy: i32| -> Result<SeccompRule, JailError> {
+        let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, policy as u64).map_err(err)?;
+        SeccompRule::new(vec![cond]).map_err(err)
+    };
+    rules.insert(libc::SYS_sched_setscheduler, vec![policy_is(libc::SCHED_OTHER)?, policy_is(libc::SCHED_IDLE)?]);
+    let nice_not_negative = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Le, 19).map_err(err)?;
+    rules.insert(libc::SYS_setpriority, vec![SeccompRule::new(vec![nice_not_negative]).map_err(err)?]);
     let arch = seccompiler::TargetArch::x86_64;
     let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch).map_err(err)?;
     BpfProgram::try_from(filter).map_err(err)

@@ -18,12 +18,28 @@ use std::time::{Duration, Instant};
 /// How long the source waits for the zygote to report every child's pid.
 const ZYGOTE_REPORT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The longest a child's guest runs in the background waiting for its siblings.
+const BACKGROUND_LIMIT: Duration = Duration::from_secs(2);
+
+/// A new child's guest runs at idle priority until every sibling of its BRANCH has been
+/// rebuilt: on a host with fewer CPUs than children, CPU time then goes to finishing the
+/// fan-out (fork, new VM, state restored) before any child's guest work, instead of 100
+/// resumed guests slowing down the last rebuilds. The siblings share a pipe whose write end
+/// each holds until it is rebuilt; end of file on the read end means all are done (or dead).
+pub struct Background {
+    /// Read end of the siblings' pipe.
+    pub siblings: OwnedFd,
+    /// Back to normal priority at the latest here, however far the siblings are.
+    pub until: Instant,
+}
+
 /// What `branch` returns in each process.
 pub enum BranchSide {
     /// Still the source VM, which keeps running.
     Parent(Machine, Result<BranchReport, String>),
-    /// A new child sandbox: serve it with this machine and config.
-    Child(Box<Machine>, Box<VmConfig>),
+    /// A new child sandbox: serve it with this machine and config; its guest starts in the
+    /// background when this is set.
+    Child(Box<Machine>, Box<VmConfig>, Option<Background>),
 }
 
 /// The files of a child sandbox living in `dir`.
@@ -122,6 +138,9 @@ fn run_zygote(
     taps: Vec<OwnedFd>,
 ) -> BranchSide {
     let mut taps: Vec<Option<OwnedFd>> = taps.into_iter().map(Some).collect();
+    // Without the pipe (or without the right to come back from idle priority) children just
+    // start at normal priority.
+    let siblings = if children.len() > 1 && crate::vcpu::can_leave_background() { pipe().ok() } else { None };
     for (index, dir) in children.iter().enumerate() {
         match fork() {
             Ok(0) => {
@@ -129,7 +148,7 @@ fn run_zygote(
                 let tap = taps.get_mut(index).and_then(Option::take);
                 // The other children's taps are theirs: close this child's copies.
                 drop(taps);
-                return become_child(machine, config, frozen, dir, tap);
+                return become_child(machine, config, frozen, dir, tap, siblings);
             }
             Ok(pid) => {
                 let record = [index as u32, pid as u32];
@@ -150,12 +169,14 @@ fn run_zygote(
 
 /// In a child: detach, adopt the child's own paths, rebuild the VM. On failure the child
 /// process exits (the launcher sees it die and reports the error from its log).
+/// `siblings` is the (read, write) pipe shared with the other children (see [`Background`]).
 fn become_child(
     machine: Machine,
     config: &VmConfig,
     frozen: &FrozenState,
     dir: &Path,
     tap: Option<OwnedFd>,
+    siblings: Option<(OwnedFd, OwnedFd)>,
 ) -> BranchSide {
     let forked = Instant::now();
     let paths = child_paths(dir);
@@ -190,7 +211,22 @@ fn become_child(
     match result {
         Ok((machine, config)) => {
             tracing::info!("branch child rebuilt in {:?}", forked.elapsed());
-            BranchSide::Child(Box::new(machine), Box::new(config))
+            let background = siblings.and_then(|(read, write)| {
+                // Rebuilt: this child no longer holds its siblings back.
+                drop(write);
+                match machine.vcpus.set_background(true) {
+                    Ok(()) => Some(Background { siblings: read, until: Instant::now() + BACKGROUND_LIMIT }),
+                    Err(e) => {
+                        tracing::warn!("cannot run the guest at idle priority: {e}");
+                        None
+                    }
+                }
+            });
+            // Free heap pages inherited from the source would otherwise stay mapped (and
+            // counted) here; the live ones are what this child's memory figures should show.
+            // SAFETY: malloc_trim only returns free heap pages to the kernel.
+            unsafe { libc::malloc_trim(0) };
+            BranchSide::Child(Box::new(machine), Box::new(config), background)
         }
         Err(e) => {
             eprintln!("forkd-vmm: error: branch child failed to start: {e}");

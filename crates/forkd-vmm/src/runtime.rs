@@ -6,7 +6,7 @@
 //! thread is the only thread that is not parked). A BRANCH child leaves the loop with its new
 //! machine and config and enters it again, with its own control socket and event loop.
 
-use crate::branch::{self, BranchSide};
+use crate::branch::{self, Background, BranchSide};
 use crate::control::{self, ControlRequest, ControlResponse, VmStatus};
 use crate::machine::Machine;
 use crate::vcpu::GuestExit;
@@ -80,7 +80,7 @@ pub enum Outcome {
 enum Served {
     Done(Outcome),
     /// This process became a BRANCH child: serve the new machine.
-    BecameChild(Box<Machine>, Box<VmConfig>),
+    BecameChild(Box<Machine>, Box<VmConfig>, Option<Background>),
 }
 
 fn bind_control(config: &VmConfig) -> Result<UnixListener, VmmError> {
@@ -125,21 +125,47 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     let started = Instant::now();
     let machine = Machine::boot(config)?;
     tracing::info!("booted in {:?}", started.elapsed());
-    let mut current = (machine, config.clone(), listener);
+    let mut current = (machine, config.clone(), listener, None);
     loop {
-        let (machine, config, listener) = current;
-        match serve(machine, config, listener)? {
+        let (machine, config, listener, background) = current;
+        match serve(machine, config, listener, background)? {
             Served::Done(outcome) => return Ok(outcome),
-            Served::BecameChild(machine, config) => {
+            Served::BecameChild(machine, config, background) => {
                 let listener = bind_control(&config)?;
                 tracing::info!("branch child serving {}", config.control_socket.display());
-                current = (*machine, *config, listener);
+                current = (*machine, *config, listener, background);
             }
         }
     }
 }
 
-fn serve(mut machine: Machine, mut config: VmConfig, listener: UnixListener) -> Result<Served, VmmError> {
+/// Wakes the loop when every sibling of a BRANCH child has been rebuilt (end of file on their
+/// shared pipe, see `branch::Background`).
+struct SiblingsWatcher {
+    background: Background,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MutEventSubscriber for SiblingsWatcher {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = ops.remove(Events::new(&self.background.siblings, EventSet::IN));
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if ops.add(Events::new(&self.background.siblings, EventSet::IN)).is_err() {
+            // Cannot watch: fall back to the time limit alone.
+            tracing::debug!("cannot watch the siblings' pipe");
+        }
+    }
+}
+
+fn serve(
+    mut machine: Machine,
+    mut config: VmConfig,
+    listener: UnixListener,
+    background: Option<Background>,
+) -> Result<Served, VmmError> {
     let started = Instant::now();
     let mut manager: EventManager<Subscriber> = EventManager::new()
         .map_err(|e| VmmError::Io { what: format!("event loop: {e:?}"), source: std::io::Error::other("epoll") })?;
@@ -149,11 +175,30 @@ fn serve(mut machine: Machine, mut config: VmConfig, listener: UnixListener) -> 
     for (_, slot) in &machine.virtio {
         manager.add_subscriber(slot.transport.clone());
     }
+    let siblings_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut background_until = background.as_ref().map(|b| b.until);
+    if let Some(background) = background {
+        manager.add_subscriber(Arc::new(Mutex::new(SiblingsWatcher { background, done: siblings_done.clone() })));
+    }
 
     let mut paused = false;
     loop {
-        if let Err(e) = manager.run_with_timeout(1000) {
+        let timeout = background_until
+            .map_or(1000, |until| until.saturating_duration_since(Instant::now()).as_millis().clamp(1, 1000) as i32);
+        if let Err(e) = manager.run_with_timeout(timeout) {
             tracing::warn!("event loop: {e:?}");
+        }
+        if let Some(until) = background_until {
+            if siblings_done.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() >= until {
+                if let Err(e) = machine.vcpus.set_background(false) {
+                    tracing::error!("cannot bring the guest back to normal priority: {e}");
+                }
+                tracing::info!("guest at normal priority after {:?}", started.elapsed());
+                // Setting up is over: give back the heap pages it used and freed.
+                // SAFETY: malloc_trim only returns free heap pages to the kernel.
+                unsafe { libc::malloc_trim(0) };
+                background_until = None;
+            }
         }
         if let Some(exit) = machine.control.take_exit() {
             let outcome = match exit {
@@ -204,10 +249,10 @@ fn serve(mut machine: Machine, mut config: VmConfig, listener: UnixListener) -> 
                     }
                     let asked = Instant::now();
                     match branch::branch(machine, &config, &children, fds) {
-                        BranchSide::Child(machine, config) => {
+                        BranchSide::Child(machine, config, background) => {
                             // The parent answers the request; this copy of the stream just closes.
                             drop(stream);
-                            return Ok(Served::BecameChild(machine, config));
+                            return Ok(Served::BecameChild(machine, config, background));
                         }
                         BranchSide::Parent(m, report) => {
                             machine = m;

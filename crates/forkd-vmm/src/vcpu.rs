@@ -126,6 +126,16 @@ extern "C" fn kick_handler(_: libc::c_int) {
 }
 
 /// The real-time signal used to kick vCPUs out of `KVM_RUN`.
+/// True when vCPU threads sent to the background can be brought back: leaving `SCHED_IDLE`
+/// needs `CAP_SYS_NICE` (the jail keeps it) or an `RLIMIT_NICE` of 20. Without either, they
+/// must never be sent there.
+pub fn can_leave_background() -> bool {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit with a valid rlimit struct.
+    let rlimit_allows = unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut limit) == 0 } && limit.rlim_cur >= 20;
+    rlimit_allows || forkd_jail::has_effective_cap(forkd_jail::libc_caps::CAP_SYS_NICE)
+}
+
 pub fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
 }
@@ -485,6 +495,23 @@ impl VcpuSet {
         st.desired = Desired::Run;
         st.generation += 1;
         self.control.changed.notify_all();
+    }
+
+    /// Moves every vCPU thread to `SCHED_IDLE` (`background`: the guest runs only on CPU time
+    /// nothing else wants) or back to normal priority. Returning needs `CAP_SYS_NICE` or an
+    /// `RLIMIT_NICE` of 20; check [`can_leave_background`] first.
+    pub fn set_background(&self, background: bool) -> std::io::Result<()> {
+        use std::os::unix::thread::JoinHandleExt;
+        let policy = if background { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
+        let param = libc::sched_param { sched_priority: 0 };
+        for h in &self.handles {
+            // SAFETY: the pthread is alive until joined; `param` is a valid sched_param.
+            let rc = unsafe { libc::pthread_setschedparam(h.thread.as_pthread_t(), policy, &param) };
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
+            }
+        }
+        Ok(())
     }
 
     /// Stops and joins every vCPU thread.

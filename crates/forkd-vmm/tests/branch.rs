@@ -106,6 +106,28 @@ fn sixteen_way_fan_out() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(answers.iter().all(|a| a == "fanout"), "{answers:?}");
+    // Children run their guests at SCHED_IDLE only until every sibling is rebuilt: once they
+    // answer, every vCPU thread of every child is back at normal priority. (KVM's own
+    // `kvm-nx-lpage-recovery` thread keeps the policy of the vCPU that started it; it only
+    // does background page-table work.)
+    for c in &result.children {
+        let pid = vmm_pid(&c.id);
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            if !stat.contains("(vcpu") {
+                continue;
+            }
+            // Fields after the command name's closing parenthesis; policy is field 41 overall.
+            let after_comm: Vec<&str> = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("").split(' ').collect();
+            assert_eq!(
+                after_comm.get(41 - 3),
+                Some(&"0"),
+                "child {} thread {:?} not SCHED_OTHER: {stat}",
+                c.id,
+                task.path()
+            );
+        }
+    }
     for c in &result.children {
         controller().destroy(&c.id).unwrap();
     }

@@ -1,7 +1,7 @@
 //! `Reseed`: feed host entropy into the guest kernel RNG and force a CRNG reseed, so
 //! sandboxes forked from one snapshot stop sharing random streams.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -28,7 +28,7 @@ pub fn reseed(conn: &mut Conn, entropy: &[u8], ctx: &Ctx) -> io::Result<()> {
             ),
         );
     }
-    match add_and_reseed(entropy) {
+    match add_and_reseed(entropy, ctx.urandom.as_ref()) {
         Ok(()) => {
             ctx.reseeds.fetch_add(1, Ordering::Relaxed);
             conn.send_body(response::Body::ReseedDone(Empty {}))
@@ -44,8 +44,15 @@ pub fn reseed(conn: &mut Conn, entropy: &[u8], ctx: &Ctx) -> io::Result<()> {
     }
 }
 
-fn add_and_reseed(entropy: &[u8]) -> Result<(), (&'static str, io::Error)> {
-    let f = OpenOptions::new().write(true).open("/dev/urandom").map_err(|e| ("opening /dev/urandom", e))?;
+fn add_and_reseed(entropy: &[u8], urandom: Option<&File>) -> Result<(), (&'static str, io::Error)> {
+    let opened;
+    let f = match urandom {
+        Some(f) => f,
+        None => {
+            opened = OpenOptions::new().write(true).open("/dev/urandom").map_err(|e| ("opening /dev/urandom", e))?;
+            &opened
+        }
+    };
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, built in a
     // u32 buffer so the ints are aligned.
     let words = entropy.len().div_ceil(4);

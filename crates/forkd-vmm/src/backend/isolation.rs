@@ -207,7 +207,7 @@ pub fn doctor(state_dir: &Path) -> Vec<Feature> {
         name: "capabilities",
         ok: eff & (1 << 21) != 0,
         detail: format!(
-            "launcher CapEff {eff:#x}; VMMs drop all but CAP_SYS_RESOURCE{}",
+            "launcher CapEff {eff:#x}; VMMs drop all but CAP_SYS_RESOURCE and CAP_SYS_NICE{}",
             if jail_enabled() { "" } else { " (FORKD_JAIL=0: jail disabled)" }
         ),
     });

@@ -432,6 +432,7 @@ impl SandboxBackend for KvmBackend {
                     .into(),
             ));
         }
+        let begun = Instant::now();
         let dirs: Vec<PathBuf> = children.iter().map(|id| self.dirs.sandboxes().join(id.as_str())).collect();
         for dir in &dirs {
             std::fs::create_dir_all(dir.join("disk"))
@@ -499,6 +500,7 @@ impl SandboxBackend for KvmBackend {
                 }
             }
         }
+        tracing::debug!(children = children.len(), "branch: isolation ready after {:?}", begun.elapsed());
         let request = ControlRequest::Branch { children: dirs.clone() };
         let tap_refs: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
         let report =
@@ -537,7 +539,9 @@ impl SandboxBackend for KvmBackend {
                 }
             })
             .collect();
+        tracing::debug!("branch: children forked and in their cgroups after {:?}", begun.elapsed());
         let results = all_children_ready(&runtimes, self.options.boot_timeout);
+        tracing::debug!("branch: children ready after {:?}", begun.elapsed());
         if let Some(err) = results.iter().find_map(|r| r.as_ref().err()) {
             let err = err.clone();
             for rt in &runtimes {

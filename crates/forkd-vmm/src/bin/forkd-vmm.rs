@@ -9,6 +9,10 @@ use forkd_vmm::VmConfig;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // One malloc arena: a vCPU thread's own arena would be one more set of heap pages that
+    // every BRANCH child copies on its first allocation there.
+    // SAFETY: mallopt only adjusts allocator parameters; no other thread exists yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FORKD_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
