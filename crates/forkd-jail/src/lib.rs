@@ -162,18 +162,6 @@ pub fn drop_capabilities() -> Result<(), JailError> {
     Ok(())
 }
 
-/// True when `cap` is in this thread's effective set (one `capget`, no file reads: usable in
-/// a forked, jailed process).
-pub fn has_effective_cap(cap: u32) -> bool {
-    let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: capget writes two data structs for a v3 header, which we pass.
-    if unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut CapHeader, data.as_mut_ptr()) } != 0 {
-        return false;
-    }
-    data.get((cap / 32) as usize).is_some_and(|d| d.effective & (1u32 << (cap % 32)) != 0)
-}
-
 /// Capability sets of this process as `/proc/self/status` shows them (CapEff, CapBnd), for
 /// tests and `forkd doctor`.
 pub fn current_caps() -> (u64, u64) {

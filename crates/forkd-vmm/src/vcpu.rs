@@ -125,7 +125,6 @@ extern "C" fn kick_handler(_: libc::c_int) {
     });
 }
 
-/// The real-time signal used to kick vCPUs out of `KVM_RUN`.
 /// True when vCPU threads sent to the background can be brought back: leaving `SCHED_IDLE`
 /// needs `CAP_SYS_NICE` (the jail keeps it) or an `RLIMIT_NICE` of 20. Without either, they
 /// must never be sent there.
@@ -133,9 +132,11 @@ pub fn can_leave_background() -> bool {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit with a valid rlimit struct.
     let rlimit_allows = unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut limit) == 0 } && limit.rlim_cur >= 20;
-    rlimit_allows || forkd_jail::has_effective_cap(forkd_jail::libc_caps::CAP_SYS_NICE)
+    let (effective, _) = forkd_jail::current_caps();
+    rlimit_allows || effective & (1 << forkd_jail::libc_caps::CAP_SYS_NICE) != 0
 }
 
+/// The real-time signal used to kick vCPUs out of `KVM_RUN`.
 pub fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
 }
