@@ -237,13 +237,17 @@ fn become_child(
 }
 
 /// Points this process's command line (as `ps` and /proc/<pid>/cmdline show it) at `args`,
-/// so a forked child names its own config instead of its source's. Best effort: needs
-/// CAP_SYS_RESOURCE, which the VMM has as root.
+/// so a forked child names its own config instead of its source's. Rewrites the original
+/// argument area when the new line fits (a child's paths are as long as its source's), else
+/// points the kernel at a new buffer, which needs CAP_SYS_RESOURCE. Best effort.
 fn set_cmdline(args: &[&str]) {
     let mut buf = Vec::new();
     for a in args {
         buf.extend_from_slice(a.as_bytes());
         buf.push(0);
+    }
+    if rewrite_in_place(&buf) {
+        return;
     }
     // The kernel reads the arguments from this memory from now on: it must live forever.
     let buf: &'static mut [u8] = buf.leak();
@@ -263,6 +267,34 @@ fn set_cmdline(args: &[&str]) {
     if !ok {
         tracing::debug!("could not rename the child's command line: {}", std::io::Error::last_os_error());
     }
+}
+
+extern "C" {
+    /// glibc: `argv[0]` as the kernel laid it out, the start of the argument area.
+    static program_invocation_name: *mut libc::c_char;
+}
+
+/// Overwrites the argument area the kernel set up at exec with `line` (NUL-separated), padding
+/// with NULs; false if it does not fit.
+fn rewrite_in_place(line: &[u8]) -> bool {
+    // The area holds the arguments back to back, each NUL-terminated.
+    let len: usize = std::env::args_os().map(|a| a.len() + 1).sum();
+    if line.len() > len {
+        return false;
+    }
+    // SAFETY: glibc sets program_invocation_name to argv[0] before main and never changes it.
+    let start = unsafe { program_invocation_name }.cast::<u8>();
+    if start.is_null() {
+        return false;
+    }
+    // SAFETY: [start, start + len) is the argument area (argv[0] and the arguments that follow
+    // it contiguously, as exec laid them out); std copied the arguments at startup, so nothing
+    // reads this memory as Rust data.
+    unsafe {
+        std::ptr::copy_nonoverlapping(line.as_ptr(), start, line.len());
+        std::ptr::write_bytes(start.add(line.len()), 0, len - line.len());
+    }
+    true
 }
 
 fn redirect_stderr(path: &Path) {

@@ -31,6 +31,18 @@ pub enum ControlRequest {
     /// jailed VMM cannot open; `path` names the file in messages), resume: the classic
     /// file-snapshot method, kept as the baseline BRANCH is measured against.
     DumpMemory { path: std::path::PathBuf },
+    /// Pause, hand every all-zero guest page back to the host, resume
+    /// (`memory::release_zero_pages`). Launchers send it once the guest has booted.
+    ReleaseZeroPages,
+}
+
+/// What `release_zero_pages` reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReleaseReport {
+    /// How long the vCPUs were stopped.
+    pub pause_us: u64,
+    #[serde(flatten)]
+    pub pages: crate::memory::ZeroPageRelease,
 }
 
 /// What `dump_memory` reports.
@@ -68,14 +80,16 @@ pub struct ControlResponse {
     pub branch: Option<BranchReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dump: Option<DumpReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseReport>,
 }
 
 impl ControlResponse {
     pub fn ok() -> Self {
-        Self { ok: true, error: None, status: None, branch: None, dump: None }
+        Self { ok: true, error: None, status: None, branch: None, dump: None, release: None }
     }
     pub fn error(msg: impl Into<String>) -> Self {
-        Self { ok: false, error: Some(msg.into()), status: None, branch: None, dump: None }
+        Self { ok: false, error: Some(msg.into()), status: None, branch: None, dump: None, release: None }
     }
 }
 

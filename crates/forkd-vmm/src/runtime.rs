@@ -239,6 +239,30 @@ fn serve(
                     Ok(dump) => ControlResponse { dump: Some(dump), ..ControlResponse::ok() },
                     Err(e) => ControlResponse::error(format!("dumping memory to {}: {e}", path.display())),
                 },
+                ControlRequest::ReleaseZeroPages => {
+                    let started = Instant::now();
+                    machine.vcpus.park();
+                    // Devices run on this thread: with the vCPUs parked nothing writes guest RAM.
+                    let result = crate::memory::release_zero_pages(&machine.memory);
+                    if !paused {
+                        machine.vcpus.resume();
+                    }
+                    let pause_us = started.elapsed().as_micros() as u64;
+                    match result {
+                        Ok(pages) => {
+                            tracing::info!(
+                                "released {} KiB of zero pages ({} KiB were backed) in {pause_us} µs",
+                                pages.released_bytes >> 10,
+                                pages.resident_bytes >> 10
+                            );
+                            ControlResponse {
+                                release: Some(control::ReleaseReport { pause_us, pages }),
+                                ..ControlResponse::ok()
+                            }
+                        }
+                        Err(e) => ControlResponse::error(format!("releasing zero pages: {e}")),
+                    }
+                }
                 ControlRequest::Branch { children } => {
                     if let Some(bad) = children.iter().find(|d| !d.is_dir()) {
                         control::write_response(

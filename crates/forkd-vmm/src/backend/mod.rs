@@ -271,12 +271,66 @@ impl KvmBackend {
             std::thread::sleep(Duration::from_millis(100));
         }
         tracing::info!(pid = runtime.pid, "sandbox ready in {:?}", started.elapsed());
+        release_boot_zero_pages(&runtime);
         // Reap the VMM whenever it exits; if this process dies first, init adopts it.
         std::thread::Builder::new()
             .name("vmm-reaper".into())
             .spawn(move || child.wait())
             .map_err(|e| io("reaper thread", e))?;
         Ok(runtime)
+    }
+}
+
+/// Has the source's guest run its deferred housekeeping before the fork instead of in every
+/// child. An idle guest kernel postpones its deferrable timers (SLAB cache reaping, vmstat
+/// folding, ...) until something wakes it; in a fresh child that is the vsock reset, and each
+/// child would then redo the same work, writing ~70 pages of its own copy of guest RAM
+/// (docs/PERFORMANCE.md). So when the source's guest is idle, one agent round trip wakes it
+/// and the fork waits until it is idle again (~25 ms here): the work is done once, and the
+/// children inherit the result. A guest that is running anyway does its housekeeping as it
+/// goes. Best effort throughout.
+fn wake_before_fork(source: &VmmRuntime) {
+    if process::vcpus_idle(source.pid) != Some(true) {
+        return;
+    }
+    if let Err(e) = agent::ping(&source.vsock_socket, Duration::from_secs(1)) {
+        tracing::debug!("branch: the source's agent did not answer the wake-up ping: {e}");
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_millis(300);
+    let mut idle_since: Option<Instant> = None;
+    while Instant::now() < deadline {
+        match process::vcpus_idle(source.pid) {
+            Some(true) => {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                // Still asleep a few ms later: not just between two timer interrupts.
+                if since.elapsed() >= Duration::from_millis(5) {
+                    return;
+                }
+            }
+            Some(false) => idle_since = None,
+            None => return,
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// Hands the zero pages a fresh boot leaves in guest RAM back to the host (a few ms of pause):
+/// the sandbox's RSS shrinks and BRANCH children later share only pages that hold data. Best
+/// effort: a VMM that cannot do it still runs correctly.
+fn release_boot_zero_pages(runtime: &VmmRuntime) {
+    match control::request(&runtime.control_socket, &ControlRequest::ReleaseZeroPages, Duration::from_secs(10)) {
+        Ok(resp) => {
+            if let Some(r) = resp.release {
+                tracing::debug!(
+                    "released {} of {} KiB backed guest RAM (zero pages) in {} µs",
+                    r.pages.released_bytes >> 10,
+                    r.pages.resident_bytes >> 10,
+                    r.pause_us
+                );
+            }
+        }
+        Err(e) => tracing::warn!("could not release the guest's zero pages: {e}"),
     }
 }
 
@@ -501,6 +555,8 @@ impl SandboxBackend for KvmBackend {
             }
         }
         tracing::debug!(children = children.len(), "branch: isolation ready after {:?}", begun.elapsed());
+        wake_before_fork(&source);
+        tracing::debug!("branch: source woken after {:?}", begun.elapsed());
         let request = ControlRequest::Branch { children: dirs.clone() };
         let tap_refs: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
         let report =

@@ -93,6 +93,25 @@ pub fn last_error(vmm_log: &Path) -> Option<String> {
 }
 
 /// Memory figures from `/proc/<pid>/smaps_rollup`, in KiB: (rss, pss, private dirty).
+/// Whether every vCPU thread of VMM `pid` is asleep (its guest is halted, waiting for an
+/// interrupt); `None` if the VMM or its vCPU threads cannot be read.
+pub fn vcpus_idle(pid: u32) -> Option<bool> {
+    let mut seen = false;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        let Some((head, rest)) = stat.rsplit_once(") ") else { continue };
+        // The VMM names its vCPU threads `vcpu<N>` (vcpu.rs).
+        if !head.contains("(vcpu") {
+            continue;
+        }
+        seen = true;
+        if !rest.starts_with('S') {
+            return Some(false);
+        }
+    }
+    seen.then_some(true)
+}
+
 pub fn smaps_rollup(pid: u32) -> std::io::Result<(u64, u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
     let field = |name: &str| {
@@ -132,6 +151,12 @@ mod tests {
         std::fs::write(&log, "INFO booting\nforkd-vmm: error: guest memory too small\n").unwrap();
         assert_eq!(last_error(&log).as_deref(), Some("error: guest memory too small"));
         assert_eq!(tail(&log, 6), b"small\n");
+    }
+
+    #[test]
+    fn a_process_without_vcpu_threads_has_no_vcpu_state() {
+        assert_eq!(vcpus_idle(std::process::id()), None);
+        assert_eq!(vcpus_idle(u32::MAX), None);
     }
 
     #[test]
