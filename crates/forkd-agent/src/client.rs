@@ -283,6 +283,17 @@ impl<S: Read + Write> AgentClient<S> {
 
     /// Mixes `entropy` into the guest kernel RNG and forces a reseed (call after forking a
     /// sandbox so siblings do not share random streams).
+    /// Tells the agent its VM is about to be forked. Returns once the agent has answered; the
+    /// guest then finishes deferred kernel housekeeping after this connection closes (wait
+    /// until its vCPUs are idle before forking).
+    pub fn prepare_branch(mut self) -> Result<(), ClientError> {
+        self.send(request::Body::PrepareBranch(Empty {}))?;
+        match self.recv("prepare_branch")? {
+            response::Body::BranchReady(_) => Ok(()),
+            other => Err(unexpected("prepare_branch", &other)),
+        }
+    }
+
     pub fn reseed(mut self, entropy: &[u8]) -> Result<(), ClientError> {
         self.send(request::Body::Reseed(ReseedRequest { entropy: entropy.to_vec() }))?;
         match self.recv("reseed")? {
@@ -394,6 +405,7 @@ fn unexpected(during: &'static str, got: &response::Body) -> ClientError {
         response::Body::DirEntries(_) => "DirEntries",
         response::Body::DirEnd(_) => "DirEnd",
         response::Body::ReseedDone(_) => "ReseedDone",
+        response::Body::BranchReady(_) => "BranchReady",
     };
     ClientError::Unexpected { during, got: name.into() }
 }

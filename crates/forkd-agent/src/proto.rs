@@ -32,11 +32,11 @@ pub const FILE_CHUNK: usize = 256 << 10;
 // ---------------------------------------------------------------------------------------------
 
 /// A frame sent by the host. The first frame of a connection starts an operation (`Ping`,
-/// `Exec`, `WriteFile`, `ReadFile`, `ListDir`, `Reseed`); later frames (`StdinData`,
+/// `Exec`, `WriteFile`, `ReadFile`, `ListDir`, `Reseed`, `PrepareBranch`); later frames (`StdinData`,
 /// `StdinEof`, `FileChunk`, `FileEnd`) continue it.
 #[derive(Clone, PartialEq, Message)]
 pub struct Request {
-    #[prost(oneof = "request::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    #[prost(oneof = "request::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
     pub body: Option<request::Body>,
 }
 
@@ -65,6 +65,11 @@ pub mod request {
         ListDir(super::ListDirRequest),
         #[prost(message, tag = "10")]
         Reseed(super::ReseedRequest),
+        /// The VM is about to be forked: answered with `BranchReady`; once the host closes
+        /// the connection the agent has the kernel finish deferred housekeeping (returning
+        /// freed slab objects) now, so the children do not each do it.
+        #[prost(message, tag = "11")]
+        PrepareBranch(super::Empty),
     }
 }
 
@@ -179,7 +184,7 @@ pub struct ReseedRequest {
 /// A frame sent by the agent.
 #[derive(Clone, PartialEq, Message)]
 pub struct Response {
-    #[prost(oneof = "response::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")]
+    #[prost(oneof = "response::Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15")]
     pub body: Option<response::Body>,
 }
 
@@ -216,6 +221,8 @@ pub mod response {
         DirEnd(super::Empty),
         #[prost(message, tag = "14")]
         ReseedDone(super::Empty),
+        #[prost(message, tag = "15")]
+        BranchReady(super::Empty),
     }
 }
 

@@ -424,6 +424,17 @@ fn reseed_validates_and_counts() {
     }
 }
 
+#[test]
+fn prepare_branch_is_answered_and_the_agent_keeps_serving() {
+    // On the host there is no /proc/sys/vm/forkd_slab_quiesce (a forkd guest kernel has it):
+    // the agent answers, skips the drain quietly and keeps serving.
+    let mut agent = Agent::start();
+    for _ in 0..3 {
+        agent.client().prepare_branch().unwrap();
+    }
+    agent.assert_healthy();
+}
+
 /// A stand-in for the VMM's vsock Unix socket: answers the handshake with `reply` and then
 /// (if it is OK) proxies to the agent.
 fn fake_vmm(dir: &Path, agent_sock: PathBuf, reply: Option<&'static str>) -> PathBuf {

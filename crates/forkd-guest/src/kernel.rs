@@ -41,6 +41,11 @@ pub const PATCHES: &[(&str, &str)] = &[
         include_str!("../../../kernel/patches/0002-forkd-no-int3-fwait-in-kernel.patch"),
     ),
     ("0003-forkd-fastboot.patch", include_str!("../../../kernel/patches/0003-forkd-fastboot.patch")),
+    ("0004-forkd-slab-quiesce.patch", include_str!("../../../kernel/patches/0004-forkd-slab-quiesce.patch")),
+    (
+        "0005-forkd-quiet-hrtimer-hang.patch",
+        include_str!("../../../kernel/patches/0005-forkd-quiet-hrtimer-hang.patch"),
+    ),
 ];
 
 /// Kernel command line the VMM should pass on every host, without `root=` and the

@@ -1,5 +1,6 @@
 //! The agent server: listeners, per-connection dispatch and shared helpers.
 
+pub mod branch;
 pub mod exec;
 pub mod fsops;
 pub mod init;
@@ -287,7 +288,7 @@ fn handle(sock: UnixStream, ctx: &Ctx) {
     let Some(body) = req.body else {
         let _ = conn.send_error(
             ErrorKind::Protocol,
-            "empty request: the first frame must carry Ping, Exec, WriteFile, ReadFile, ListDir or Reseed",
+            "empty request: the first frame must carry Ping, Exec, WriteFile, ReadFile, ListDir, Reseed or PrepareBranch",
         );
         return;
     };
@@ -299,12 +300,19 @@ fn handle(sock: UnixStream, ctx: &Ctx) {
         request::Body::ReadFile(r) => fsops::read_file(&mut conn, &r.path),
         request::Body::ListDir(r) => fsops::list_dir(&mut conn, &r.path),
         request::Body::Reseed(r) => rng::reseed(&mut conn, &r.entropy, ctx),
+        request::Body::PrepareBranch(_) => {
+            let answered = branch::answer_and_wait_for_close(&mut conn);
+            // After the connection's own teardown, so its freed objects are drained too.
+            drop(conn);
+            branch::finish_kernel_housekeeping();
+            answered
+        }
         request::Body::StdinData(_)
         | request::Body::StdinEof(_)
         | request::Body::FileChunk(_)
         | request::Body::FileEnd(_) => conn.send_error(
             ErrorKind::Protocol,
-            "a connection must start with Ping, Exec, WriteFile, ReadFile, ListDir or Reseed; stdin and file chunks only follow their Exec/WriteFile",
+            "a connection must start with Ping, Exec, WriteFile, ReadFile, ListDir, Reseed or PrepareBranch; stdin and file chunks only follow their Exec/WriteFile",
         ),
     };
 }

@@ -25,6 +25,18 @@ pub fn ping(vsock: &Path, timeout: Duration) -> Result<()> {
     client.ping().map(|_| ()).map_err(map_error)
 }
 
+/// Tells the agent its VM is about to be forked; it answers, and once this connection is closed
+/// (on return) has the guest kernel finish deferred housekeeping. An agent older than
+/// `PrepareBranch` answers with a protocol error, which is still an answer: the guest is awake.
+pub fn prepare_branch(vsock: &Path, timeout: Duration) -> Result<()> {
+    let client = AgentAddr::vsock(vsock, AGENT_PORT).connect(timeout).map_err(map_error)?;
+    client.get_ref().set_read_timeout(Some(timeout)).map_err(|e| Error::Unavailable(e.to_string()))?;
+    match client.prepare_branch() {
+        Ok(()) | Err(ClientError::Agent { kind: ErrorKind::Protocol, .. }) => Ok(()),
+        Err(e) => Err(map_error(e)),
+    }
+}
+
 /// Gives the guest fresh entropy and forces its CRNG to reseed (after BRANCH, so children
 /// never share random streams). Also proves the agent answers.
 ///

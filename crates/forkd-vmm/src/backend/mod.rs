@@ -283,32 +283,41 @@ impl KvmBackend {
 
 /// Has the source's guest run its deferred housekeeping before the fork instead of in every
 /// child. An idle guest kernel postpones its deferrable timers (SLAB cache reaping, vmstat
-/// folding, ...) until something wakes it; in a fresh child that is the vsock reset, and each
-/// child would then redo the same work, writing ~70 pages of its own copy of guest RAM
-/// (docs/PERFORMANCE.md). So when the source's guest is idle, one agent round trip wakes it
-/// and the fork waits until it is idle again (~25 ms here): the work is done once, and the
-/// children inherit the result. A guest that is running anyway does its housekeeping as it
-/// goes. Best effort throughout.
+/// folding, ...) until something wakes it, and SLAB hands objects freed into its per-cpu arrays
+/// back to their slabs only gradually, over ~30 s after the guest last did something; a child
+/// doing either writes its own copies of the same pages, in every child (docs/PERFORMANCE.md).
+/// So when the source's guest is idle, the agent gets a `PrepareBranch` round trip (which wakes
+/// it; after the connection closes it has the kernel drain every slab cache at once), and the
+/// fork waits until the guest is idle again: the work is done once and the children inherit
+/// the result. A guest that is running anyway is forked as it is. Best effort throughout.
 fn wake_before_fork(source: &VmmRuntime) {
     if process::vcpus_idle(source.pid) != Some(true) {
         return;
     }
-    if let Err(e) = agent::ping(&source.vsock_socket, Duration::from_secs(1)) {
-        tracing::debug!("branch: the source's agent did not answer the wake-up ping: {e}");
+    if let Err(e) = agent::prepare_branch(&source.vsock_socket, Duration::from_secs(1)) {
+        tracing::debug!("branch: the source's agent did not answer PrepareBranch: {e}");
         return;
     }
-    let deadline = Instant::now() + Duration::from_millis(300);
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(500);
+    // The drain starts when the guest sees the connection close, a moment after we closed it:
+    // do not take the quiet before it for the quiet after it.
+    let mut seen_running = false;
     let mut idle_since: Option<Instant> = None;
     while Instant::now() < deadline {
         match process::vcpus_idle(source.pid) {
-            Some(true) => {
+            Some(true) if seen_running || started.elapsed() >= Duration::from_millis(50) => {
                 let since = *idle_since.get_or_insert_with(Instant::now);
                 // Still asleep a few ms later: not just between two timer interrupts.
                 if since.elapsed() >= Duration::from_millis(5) {
                     return;
                 }
             }
-            Some(false) => idle_since = None,
+            Some(true) => {}
+            Some(false) => {
+                seen_running = true;
+                idle_since = None;
+            }
             None => return,
         }
         std::thread::sleep(Duration::from_micros(500));

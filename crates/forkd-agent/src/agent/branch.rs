@@ -1,0 +1,31 @@
+//! `PrepareBranch`: the host is about to fork this VM. Work the kernel would otherwise leave to
+//! a timer after the fork is done now, once, instead of in every child.
+
+use std::io;
+
+use forkd_agent::proto::{response, Empty};
+
+use super::Conn;
+
+/// Written by the guest kernel's forkd patch (kernel/patches/0004): drains every slab cache's
+/// per-cpu arrays and frees its free slabs at once.
+const SLAB_QUIESCE: &str = "/proc/sys/vm/forkd_slab_quiesce";
+
+/// Answers, then reads until the host closes the connection.
+pub fn answer_and_wait_for_close(conn: &mut Conn) -> io::Result<()> {
+    conn.send_body(response::Body::BranchReady(Empty {}))?;
+    // Anything else on this connection is ignored; the host sends nothing more.
+    while let Ok(Some(_)) = conn.recv() {}
+    Ok(())
+}
+
+/// Returns the objects freed into SLAB's per-cpu arrays to their slabs now. Without it
+/// `cache_reap` does so gradually over the next ~30 s, in every child, each writing (and so
+/// copying) the same slab pages. A kernel without the patch has no such file: nothing to do.
+pub fn finish_kernel_housekeeping() {
+    match std::fs::write(SLAB_QUIESCE, b"1") {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => super::log_error(&format!("{SLAB_QUIESCE}: {e}")),
+    }
+}
