@@ -294,11 +294,13 @@ fn wake_before_fork(source: &VmmRuntime) {
     if process::vcpus_idle(source.pid) != Some(true) {
         return;
     }
+    let begun = Instant::now();
     if let Err(e) = agent::prepare_branch(&source.vsock_socket, Duration::from_secs(1)) {
         tracing::debug!("branch: the source's agent did not answer PrepareBranch: {e}");
         return;
     }
     let started = Instant::now();
+    tracing::debug!("branch: PrepareBranch answered after {:?}", begun.elapsed());
     let deadline = started + Duration::from_millis(500);
     // The drain starts when the guest sees the connection close, a moment after we closed it:
     // do not take the quiet before it for the quiet after it.
@@ -315,6 +317,9 @@ fn wake_before_fork(source: &VmmRuntime) {
             }
             Some(true) => {}
             Some(false) => {
+                if !seen_running {
+                    tracing::debug!("branch: source guest running again after {:?}", begun.elapsed());
+                }
                 seen_running = true;
                 idle_since = None;
             }
