@@ -283,10 +283,10 @@ impl<S: Read + Write> AgentClient<S> {
 
     /// Mixes `entropy` into the guest kernel RNG and forces a reseed (call after forking a
     /// sandbox so siblings do not share random streams).
-    /// Tells the agent its VM is about to be forked. Returns once the agent has answered; the
-    /// guest then finishes deferred kernel housekeeping after this connection closes (wait
-    /// until its vCPUs are idle before forking).
-    pub fn prepare_branch(mut self) -> Result<(), ClientError> {
+    /// Tells the agent its VM is about to be forked. Returns once the guest kernel has finished
+    /// its deferred housekeeping and the agent has answered; keep the connection open until the
+    /// fork is done (the agent holds it until the host closes it).
+    pub fn prepare_branch(&mut self) -> Result<(), ClientError> {
         self.send(request::Body::PrepareBranch(Empty {}))?;
         match self.recv("prepare_branch")? {
             response::Body::BranchReady(_) => Ok(()),

@@ -65,9 +65,9 @@ pub mod request {
         ListDir(super::ListDirRequest),
         #[prost(message, tag = "10")]
         Reseed(super::ReseedRequest),
-        /// The VM is about to be forked: answered with `BranchReady`; once the host closes
-        /// the connection the agent has the kernel finish deferred housekeeping (returning
-        /// freed slab objects) now, so the children do not each do it.
+        /// The VM is about to be forked: the agent has the kernel finish deferred
+        /// housekeeping (return freed slab objects) now, so the children do not each do it,
+        /// then answers `BranchReady` and waits for the host to close the connection.
         #[prost(message, tag = "11")]
         PrepareBranch(super::Empty),
     }

@@ -11,8 +11,11 @@ use super::Conn;
 /// per-cpu arrays and frees its free slabs at once.
 const SLAB_QUIESCE: &str = "/proc/sys/vm/forkd_slab_quiesce";
 
-/// Answers, then reads until the host closes the connection.
-pub fn answer_and_wait_for_close(conn: &mut Conn) -> io::Result<()> {
+/// Drains the kernel's caches, answers, then holds the connection until the host closes it:
+/// the host forks while it is open, so the fork does not race the guest tearing it down (in
+/// the children the vsock transport reset ends it).
+pub fn prepare(conn: &mut Conn) -> io::Result<()> {
+    finish_kernel_housekeeping();
     conn.send_body(response::Body::BranchReady(Empty {}))?;
     // Anything else on this connection is ignored; the host sends nothing more.
     while let Ok(Some(_)) = conn.recv() {}
@@ -22,7 +25,7 @@ pub fn answer_and_wait_for_close(conn: &mut Conn) -> io::Result<()> {
 /// Returns the objects freed into SLAB's per-cpu arrays to their slabs now. Without it
 /// `cache_reap` does so gradually over the next ~30 s, in every child, each writing (and so
 /// copying) the same slab pages. A kernel without the patch has no such file: nothing to do.
-pub fn finish_kernel_housekeeping() {
+fn finish_kernel_housekeeping() {
     match std::fs::write(SLAB_QUIESCE, b"1") {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}

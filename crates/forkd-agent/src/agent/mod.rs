@@ -300,13 +300,7 @@ fn handle(sock: UnixStream, ctx: &Ctx) {
         request::Body::ReadFile(r) => fsops::read_file(&mut conn, &r.path),
         request::Body::ListDir(r) => fsops::list_dir(&mut conn, &r.path),
         request::Body::Reseed(r) => rng::reseed(&mut conn, &r.entropy, ctx),
-        request::Body::PrepareBranch(_) => {
-            let answered = branch::answer_and_wait_for_close(&mut conn);
-            // After the connection's own teardown, so its freed objects are drained too.
-            drop(conn);
-            branch::finish_kernel_housekeeping();
-            answered
-        }
+        request::Body::PrepareBranch(_) => branch::prepare(&mut conn),
         request::Body::StdinData(_)
         | request::Body::StdinEof(_)
         | request::Body::FileChunk(_)

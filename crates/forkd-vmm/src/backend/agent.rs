@@ -25,14 +25,16 @@ pub fn ping(vsock: &Path, timeout: Duration) -> Result<()> {
     client.ping().map(|_| ()).map_err(map_error)
 }
 
-/// Tells the agent its VM is about to be forked; it answers, and once this connection is closed
-/// (on return) has the guest kernel finish deferred housekeeping. An agent older than
-/// `PrepareBranch` answers with a protocol error, which is still an answer: the guest is awake.
-pub fn prepare_branch(vsock: &Path, timeout: Duration) -> Result<()> {
-    let client = AgentAddr::vsock(vsock, AGENT_PORT).connect(timeout).map_err(map_error)?;
+/// Tells the agent its VM is about to be forked: the guest kernel finishes its deferred
+/// housekeeping, then the agent answers. Returns the open connection: drop it once the fork is
+/// done (closing it earlier would have the guest tear it down while being forked). An agent
+/// older than `PrepareBranch` answers with a protocol error, which is still an answer: the
+/// guest is awake.
+pub fn prepare_branch(vsock: &Path, timeout: Duration) -> Result<AgentClient<UnixStream>> {
+    let mut client = AgentAddr::vsock(vsock, AGENT_PORT).connect(timeout).map_err(map_error)?;
     client.get_ref().set_read_timeout(Some(timeout)).map_err(|e| Error::Unavailable(e.to_string()))?;
     match client.prepare_branch() {
-        Ok(()) | Err(ClientError::Agent { kind: ErrorKind::Protocol, .. }) => Ok(()),
+        Ok(()) | Err(ClientError::Agent { kind: ErrorKind::Protocol, .. }) => Ok(client),
         Err(e) => Err(map_error(e)),
     }
 }

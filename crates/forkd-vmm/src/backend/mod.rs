@@ -286,47 +286,44 @@ impl KvmBackend {
 /// folding, ...) until something wakes it, and SLAB hands objects freed into its per-cpu arrays
 /// back to their slabs only gradually, over ~30 s after the guest last did something; a child
 /// doing either writes its own copies of the same pages, in every child (docs/PERFORMANCE.md).
-/// So when the source's guest is idle, the agent gets a `PrepareBranch` round trip (which wakes
-/// it; after the connection closes it has the kernel drain every slab cache at once), and the
-/// fork waits until the guest is idle again: the work is done once and the children inherit
-/// the result. A guest that is running anyway is forked as it is. Best effort throughout.
-fn wake_before_fork(source: &VmmRuntime) {
+/// So when the source's guest is idle, its agent gets `PrepareBranch`: the request wakes the
+/// guest (the due timers run), the agent has the kernel drain every slab cache and answers, and
+/// the fork waits until the guest is idle again. The work is done once and the children inherit
+/// the result. Returns the agent connection, to be closed after the fork. A guest that is
+/// running anyway is forked as it is. Best effort throughout.
+fn prepare_source_for_fork(
+    source: &VmmRuntime,
+) -> Option<forkd_agent::client::AgentClient<std::os::unix::net::UnixStream>> {
     if process::vcpus_idle(source.pid) != Some(true) {
-        return;
+        return None;
     }
     let begun = Instant::now();
-    if let Err(e) = agent::prepare_branch(&source.vsock_socket, Duration::from_secs(1)) {
-        tracing::debug!("branch: the source's agent did not answer PrepareBranch: {e}");
-        return;
-    }
-    let started = Instant::now();
+    let held = match agent::prepare_branch(&source.vsock_socket, Duration::from_secs(1)) {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::debug!("branch: the source's agent did not answer PrepareBranch: {e}");
+            return None;
+        }
+    };
     tracing::debug!("branch: PrepareBranch answered after {:?}", begun.elapsed());
-    let deadline = started + Duration::from_millis(500);
-    // The drain starts when the guest sees the connection close, a moment after we closed it:
-    // do not take the quiet before it for the quiet after it.
-    let mut seen_running = false;
+    // The answer's own completion (the guest freeing the sent packet) is all that is left.
+    let deadline = Instant::now() + Duration::from_millis(300);
     let mut idle_since: Option<Instant> = None;
     while Instant::now() < deadline {
         match process::vcpus_idle(source.pid) {
-            Some(true) if seen_running || started.elapsed() >= Duration::from_millis(50) => {
+            Some(true) => {
                 let since = *idle_since.get_or_insert_with(Instant::now);
                 // Still asleep a few ms later: not just between two timer interrupts.
                 if since.elapsed() >= Duration::from_millis(5) {
-                    return;
+                    break;
                 }
             }
-            Some(true) => {}
-            Some(false) => {
-                if !seen_running {
-                    tracing::debug!("branch: source guest running again after {:?}", begun.elapsed());
-                }
-                seen_running = true;
-                idle_since = None;
-            }
-            None => return,
+            Some(false) => idle_since = None,
+            None => break,
         }
         std::thread::sleep(Duration::from_micros(500));
     }
+    Some(held)
 }
 
 /// Hands the zero pages a fresh boot leaves in guest RAM back to the host (a few ms of pause):
@@ -569,8 +566,8 @@ impl SandboxBackend for KvmBackend {
             }
         }
         tracing::debug!(children = children.len(), "branch: isolation ready after {:?}", begun.elapsed());
-        wake_before_fork(&source);
-        tracing::debug!("branch: source woken after {:?}", begun.elapsed());
+        let held = prepare_source_for_fork(&source);
+        tracing::debug!("branch: source prepared after {:?}", begun.elapsed());
         let request = ControlRequest::Branch { children: dirs.clone() };
         let tap_refs: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
         let report =
@@ -580,10 +577,12 @@ impl SandboxBackend for KvmBackend {
             };
         drop(tap_refs);
         drop(taps);
+        drop(held);
         let report = report.inspect_err(|_| {
             undo(&isolated);
             cleanup(&dirs);
         })?;
+        tracing::debug!("branch: the VMM reported its children after {:?}", begun.elapsed());
         let runtimes: Vec<VmmRuntime> = report
             .children
             .iter()
