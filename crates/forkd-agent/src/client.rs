@@ -281,8 +281,6 @@ impl<S: Read + Write> AgentClient<S> {
         }
     }
 
-    /// Mixes `entropy` into the guest kernel RNG and forces a reseed (call after forking a
-    /// sandbox so siblings do not share random streams).
     /// Tells the agent its VM is about to be forked. Returns once the guest kernel has finished
     /// its deferred housekeeping and the agent has answered; keep the connection open until the
     /// fork is done (the agent holds it until the host closes it).
@@ -294,6 +292,8 @@ impl<S: Read + Write> AgentClient<S> {
         }
     }
 
+    /// Mixes `entropy` into the guest kernel RNG and forces a reseed (call after forking a
+    /// sandbox so siblings do not share random streams).
     pub fn reseed(mut self, entropy: &[u8]) -> Result<(), ClientError> {
         self.send(request::Body::Reseed(ReseedRequest { entropy: entropy.to_vec() }))?;
         match self.recv("reseed")? {

@@ -92,7 +92,6 @@ pub fn last_error(vmm_log: &Path) -> Option<String> {
     text.lines().rev().find(|l| l.starts_with("forkd-vmm:")).map(|l| l.trim_start_matches("forkd-vmm: ").to_string())
 }
 
-/// Memory figures from `/proc/<pid>/smaps_rollup`, in KiB: (rss, pss, private dirty).
 /// Whether every vCPU thread of VMM `pid` is asleep (its guest is halted, waiting for an
 /// interrupt); `None` if the VMM or its vCPU threads cannot be read.
 pub fn vcpus_idle(pid: u32) -> Option<bool> {
@@ -112,6 +111,7 @@ pub fn vcpus_idle(pid: u32) -> Option<bool> {
     seen.then_some(true)
 }
 
+/// Memory figures from `/proc/<pid>/smaps_rollup`, in KiB: (rss, pss, private dirty).
 pub fn smaps_rollup(pid: u32) -> std::io::Result<(u64, u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
     let field = |name: &str| {
