@@ -247,12 +247,19 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
     let mut fanout_rows = Vec::new();
     let mut fanout_json = Vec::new();
     for &n in counts {
-        let sandboxes = bench.state.path().join("sandboxes");
-        let watcher = VmmReadyWatcher::start(&sandboxes, n as usize);
+        let started_ns = forkd_vmm::control::monotonic_ns();
         let started = Instant::now();
         let result = bench.controller.branch(&source.id, &BranchOptions::count(n))?;
         let all_ready = started.elapsed();
-        let vmm_ready = watcher.finish(started);
+        let running = vmm_running_ms(&bench.state.path().join("sandboxes"), &result.children, started_ns);
+        // Every child must have answered, or the last one's time is unknown.
+        let vmm_ready_ms = (running.len() == result.children.len()).then(|| running.last().copied()).flatten();
+        if let (Some(first), Some(last)) = (running.first(), running.last()) {
+            eprintln!(
+                "N={n}: child VMMs running from {first:.0} ms, half by {:.0} ms, all by {last:.0} ms",
+                running[running.len() / 2]
+            );
+        }
         let first = bench.exec(&result.children[0].id, &["/bin/true"])?;
         std::thread::sleep(Duration::from_secs(1));
         let pss: Vec<u64> = result
@@ -269,9 +276,8 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
             .map(|m| m.private_dirty_kib)
             .collect();
         let private_avg = private.iter().sum::<u64>() as f64 / private.len().max(1) as f64 / 1024.0;
-        let vmm_ready_ms = vmm_ready.map(|d| d.as_secs_f64() * 1000.0);
         eprintln!(
-            "N={n}: pause {:?}, VMMs running in {vmm_ready:?}, agents ready in {all_ready:?}, PSS/child {pss_avg:.2} MiB, private {private_avg:.2} MiB",
+            "N={n}: pause {:?}, VMMs running in {vmm_ready_ms:?} ms, agents ready in {all_ready:?}, PSS/child {pss_avg:.2} MiB, private {private_avg:.2} MiB",
             result.pause
         );
         fanout_rows.push(vec![
@@ -346,54 +352,26 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
     Ok(())
 }
 
-/// Times when every child VMM of a BRANCH in flight answers on its control socket: the host-side
-/// part of a branch (fork, new KVM VM over the inherited memory, state restored, vCPUs running),
-/// before any guest work. The controller's own answer waits for every child's agent as well.
-struct VmmReadyWatcher {
-    done: Arc<std::sync::atomic::AtomicBool>,
-    handle: std::thread::JoinHandle<Option<Instant>>,
-}
-
-impl VmmReadyWatcher {
-    fn start(sandboxes: &Path, count: usize) -> Self {
-        let before: std::collections::HashSet<PathBuf> = list_dirs(sandboxes).into_iter().collect();
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (sandboxes, stop) = (sandboxes.to_path_buf(), done.clone());
-        let handle = std::thread::spawn(move || {
-            let mut ready = std::collections::HashSet::new();
-            loop {
-                let stopping = stop.load(std::sync::atomic::Ordering::Relaxed);
-                let pending: Vec<PathBuf> =
-                    list_dirs(&sandboxes).into_iter().filter(|d| !before.contains(d) && !ready.contains(d)).collect();
-                for dir in pending {
-                    let status = forkd_vmm::control::ControlRequest::Status;
-                    let socket = dir.join("control.sock");
-                    if socket.exists() && forkd_vmm::control::request(&socket, &status, Duration::from_secs(1)).is_ok()
-                    {
-                        ready.insert(dir);
-                    }
-                }
-                if ready.len() >= count {
-                    return Some(Instant::now());
-                }
-                if stopping {
-                    return None;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        });
-        Self { done, handle }
-    }
-
-    /// Time from `started` until every child VMM answered, if they all did before the branch returned.
-    fn finish(self, started: Instant) -> Option<Duration> {
-        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.handle.join().ok().flatten().map(|at| at.saturating_duration_since(started))
-    }
-}
-
-fn list_dirs(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+/// When each child VMM of a BRANCH began serving its rebuilt VM (vCPUs started), in ms after
+/// `started_ns` (CLOCK_MONOTONIC), sorted: the host-side part of a branch (fork, new KVM VM over
+/// the inherited memory, state restored, vCPUs running), before any guest work. Read from the
+/// children's own clocks after the branch, so how fast this process gets to ask them (100
+/// guests busy on two CPUs) does not count.
+fn vmm_running_ms(sandboxes: &Path, children: &[forkd_core::SandboxInfo], started_ns: u64) -> Vec<f64> {
+    let mut times: Vec<f64> = children
+        .iter()
+        .filter_map(|child| {
+            let socket = sandboxes.join(child.id.as_str()).join("control.sock");
+            let status = forkd_vmm::control::request(
+                &socket,
+                &forkd_vmm::control::ControlRequest::Status,
+                Duration::from_secs(5),
+            );
+            status.ok()?.status.map(|s| s.serving_since_ns.saturating_sub(started_ns) as f64 / 1e6)
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times
 }
 
 /// Pause vs guest memory: BRANCH against the file-snapshot method (log scale).

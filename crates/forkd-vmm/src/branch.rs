@@ -21,6 +21,10 @@ const ZYGOTE_REPORT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest a child's guest runs in the background waiting for its siblings.
 const BACKGROUND_LIMIT: Duration = Duration::from_secs(2);
 
+/// The longest a child waits at the start gate (see `ControlRequest::Branch`) before starting
+/// its vCPUs anyway: a launcher that is alive but stuck must not hold children forever.
+const GATE_LIMIT: Duration = Duration::from_secs(10);
+
 /// A new child's guest runs at idle priority until every sibling of its BRANCH has been
 /// rebuilt: on a host with fewer CPUs than children, CPU time then goes to finishing the
 /// fan-out (fork, new VM, state restored) before any child's guest work, instead of 100
@@ -54,7 +58,7 @@ pub fn child_paths(dir: &Path) -> ChildPaths {
     }
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd), VmmError> {
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd), VmmError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two fds on success.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -77,7 +81,14 @@ fn fork() -> std::io::Result<libc::pid_t> {
 ///
 /// `taps` holds one tap per child when the VM has a network device (each child's own, in its
 /// own network namespace), or is empty. The source closes its copies once the zygote has them.
-pub fn branch(mut machine: Machine, config: &VmConfig, children: &[PathBuf], taps: Vec<OwnedFd>) -> BranchSide {
+/// `gate`, the read end of the launcher's start gate, holds each child's vCPUs until end of file.
+pub fn branch(
+    mut machine: Machine,
+    config: &VmConfig,
+    children: &[PathBuf],
+    taps: Vec<OwnedFd>,
+    gate: Option<OwnedFd>,
+) -> BranchSide {
     if machine.has_net() && taps.len() != children.len() {
         let msg = format!(
             "this VM has a network device: pass one tap per child ({} children, {} taps)",
@@ -118,14 +129,23 @@ pub fn branch(mut machine: Machine, config: &VmConfig, children: &[PathBuf], tap
     };
     if zygote == 0 {
         drop(read_end);
-        return run_zygote(machine, config, &frozen, children, write_end, taps);
+        return run_zygote(machine, config, &frozen, children, write_end, Inherited { taps, gate });
     }
     drop(write_end);
     drop(taps);
+    drop(gate);
     machine.thaw();
     let pause = started.elapsed();
     let report = collect_children(read_end, zygote, children, pause);
     BranchSide::Parent(machine, report)
+}
+
+/// Fds the launcher passed for the children.
+struct Inherited {
+    /// One per child, or none.
+    taps: Vec<OwnedFd>,
+    /// The start gate's read end, shared by all children.
+    gate: Option<OwnedFd>,
 }
 
 /// In the zygote: fork each child, report its pid, exit. Children return `Child`.
@@ -135,8 +155,9 @@ fn run_zygote(
     frozen: &FrozenState,
     children: &[PathBuf],
     report: OwnedFd,
-    taps: Vec<OwnedFd>,
+    inherited: Inherited,
 ) -> BranchSide {
+    let Inherited { taps, gate } = inherited;
     let mut taps: Vec<Option<OwnedFd>> = taps.into_iter().map(Some).collect();
     // Without the pipe (or without the right to come back from idle priority) children just
     // start at normal priority.
@@ -148,7 +169,7 @@ fn run_zygote(
                 let tap = taps.get_mut(index).and_then(Option::take);
                 // The other children's taps are theirs: close this child's copies.
                 drop(taps);
-                return become_child(machine, config, frozen, dir, tap, siblings);
+                return become_child(machine, config, frozen, dir, Own { tap, gate }, siblings);
             }
             Ok(pid) => {
                 let record = [index as u32, pid as u32];
@@ -167,17 +188,25 @@ fn run_zygote(
     unsafe { libc::_exit(0) }
 }
 
-/// In a child: detach, adopt the child's own paths, rebuild the VM. On failure the child
-/// process exits (the launcher sees it die and reports the error from its log).
-/// `siblings` is the (read, write) pipe shared with the other children (see [`Background`]).
+/// What one child takes from the launcher's fds.
+struct Own {
+    tap: Option<OwnedFd>,
+    gate: Option<OwnedFd>,
+}
+
+/// In a child: detach, adopt the child's own paths, rebuild the VM, start its vCPUs once the
+/// start gate opens. On failure the child process exits (the launcher sees it die and reports
+/// the error from its log). `siblings` is the (read, write) pipe shared with the other
+/// children (see [`Background`]).
 fn become_child(
     machine: Machine,
     config: &VmConfig,
     frozen: &FrozenState,
     dir: &Path,
-    tap: Option<OwnedFd>,
+    own: Own,
     siblings: Option<(OwnedFd, OwnedFd)>,
 ) -> BranchSide {
+    let Own { tap, gate } = own;
     let forked = Instant::now();
     let paths = child_paths(dir);
     // A session of its own: signals to the source's process group must not reach children.
@@ -186,6 +215,9 @@ fn become_child(
     redirect_stderr(&paths.vmm_log);
     set_cmdline(&["forkd-vmm", "--config", &paths.config.to_string_lossy()]);
     crate::runtime::name_process(&paths.dir);
+    // Guests of rebuilt children wait in the background (see `Background`) when they can be
+    // brought back from it.
+    let background = siblings.is_some();
     let result = (|| -> Result<(Machine, VmConfig), VmmError> {
         let mut child_config = config.clone();
         child_config.control_socket = paths.control_socket.clone();
@@ -202,25 +234,24 @@ fn become_child(
         if let (Some(net), Some(tap)) = (&mut child_config.net, &tap) {
             net.tap_fd = tap.as_raw_fd();
         }
-        let machine = machine.rebuild_in_child(frozen, &paths, tap)?;
+        let (mut machine, vcpus) = machine.rebuild_in_child(frozen, &paths, tap)?;
         let json = serde_json::to_vec_pretty(&child_config).map_err(|e| VmmError::Device(e.to_string()))?;
         std::fs::write(&paths.config, json)
             .map_err(|source| VmmError::Io { what: "writing child vm.json".into(), source })?;
+        let rebuilt = forked.elapsed();
+        if let Some(gate) = &gate {
+            wait_for_gate(gate);
+        }
+        machine.start_restored(vcpus, background)?;
+        tracing::info!("branch child rebuilt in {rebuilt:?}, vCPUs running after {:?}", forked.elapsed());
         Ok((machine, child_config))
     })();
     match result {
         Ok((machine, config)) => {
-            tracing::info!("branch child rebuilt in {:?}", forked.elapsed());
-            let background = siblings.and_then(|(read, write)| {
-                // Rebuilt: this child no longer holds its siblings back.
+            // Running: this child no longer holds its siblings back.
+            let background = siblings.map(|(read, write)| {
                 drop(write);
-                match machine.vcpus.set_background(true) {
-                    Ok(()) => Some(Background { siblings: read, until: Instant::now() + BACKGROUND_LIMIT }),
-                    Err(e) => {
-                        tracing::warn!("cannot run the guest at idle priority: {e}");
-                        None
-                    }
-                }
+                Background { siblings: read, until: Instant::now() + BACKGROUND_LIMIT }
             });
             // Free heap pages inherited from the source would otherwise stay mapped (and
             // counted) here; the live ones are what this child's memory figures should show.
@@ -295,6 +326,30 @@ fn rewrite_in_place(line: &[u8]) -> bool {
         std::ptr::write_bytes(start.add(line.len()), 0, len - line.len());
     }
     true
+}
+
+/// Blocks until the launcher closes the start gate's write end (end of file), it dies (the
+/// same), or `GATE_LIMIT` passes.
+fn wait_for_gate(gate: &OwnedFd) {
+    let started = Instant::now();
+    loop {
+        let left = GATE_LIMIT.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            tracing::warn!("the start gate stayed shut for {GATE_LIMIT:?}: starting the vCPUs anyway");
+            return;
+        }
+        let mut pfd = libc::pollfd { fd: gate.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: polling one valid fd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if ready < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        if ready != 0 {
+            // End of file (or an error, which waiting longer would not mend). Nobody writes.
+            tracing::debug!("start gate opened after {:?}", started.elapsed());
+            return;
+        }
+    }
 }
 
 fn redirect_stderr(path: &Path) {

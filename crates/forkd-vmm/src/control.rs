@@ -22,7 +22,17 @@ pub enum ControlRequest {
     Shutdown,
     /// Fork the running VM into one child per directory (which must exist). A VM with a
     /// network device needs one tap fd per child, passed with the request (SCM_RIGHTS).
-    Branch { children: Vec<std::path::PathBuf> },
+    Branch {
+        children: Vec<std::path::PathBuf>,
+        /// The last fd passed (after the taps) is the read end of a pipe, the *start gate*:
+        /// each child rebuilds its VM but starts its vCPU threads only at end of file on it.
+        /// A launcher that moves the children into their own cgroups sets it and closes the
+        /// write end once they are all moved: moving a process takes a host-wide lock that
+        /// every thread creation also takes, and children starting threads while siblings are
+        /// being moved stall each other (seconds for 100 children on two CPUs).
+        #[serde(default)]
+        gate: bool,
+    },
     /// Make one system call outside the seccomp allow-list (a harmless `syslog` size query):
     /// the self-test showing that a jailed VMM dies and is reported as killed by seccomp. An
     /// unjailed VMM answers with an error.
@@ -98,6 +108,11 @@ pub struct VmStatus {
     pub pid: u32,
     pub state: String,
     pub uptime_ms: u64,
+    /// CLOCK_MONOTONIC (ns) when this VMM began serving its VM: after boot, or for a BRANCH
+    /// child once its VM was rebuilt and its vCPUs started. Lets a caller time a fan-out from
+    /// the children's own clocks instead of from when it got around to asking them.
+    #[serde(default)]
+    pub serving_since_ns: u64,
     pub vcpus: u8,
     pub memory_mib: u64,
     pub cpu_profile: String,
@@ -115,6 +130,14 @@ pub enum ControlError {
     Protocol(String),
     #[error("VMM refused the request: {0}")]
     Refused(String),
+}
+
+/// The host's CLOCK_MONOTONIC in nanoseconds: comparable across processes, unlike `Instant`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Sends one request and waits for its response.

@@ -197,11 +197,11 @@ impl Machine {
             symbols,
             msr_indices,
         };
-        machine.start_vcpus(vcpus)?;
+        machine.start_vcpus(vcpus, false)?;
         Ok(machine)
     }
 
-    fn start_vcpus(&mut self, vcpus: Vec<Vcpu>) -> Result<(), VmmError> {
+    fn start_vcpus(&mut self, vcpus: Vec<Vcpu>, background: bool) -> Result<(), VmmError> {
         let ctx = VcpuContext {
             io_bus: self.io_bus.clone(),
             mmio_bus: self.mmio_bus.clone(),
@@ -209,6 +209,7 @@ impl Machine {
             control: self.control.clone(),
             symbols: self.symbols.clone(),
             msr_indices: self.msr_indices.clone(),
+            start_in_background: background,
         };
         let run_size = self.vm.run_size();
         let handles = vcpus.into_iter().map(|v| v.spawn(ctx.clone(), run_size)).collect::<Result<Vec<_>, _>>()?;
@@ -243,14 +244,15 @@ impl Machine {
     }
 
     /// Makes this (forked) process a new sandbox around the guest memory it inherited: a
-    /// fresh KVM VM, the devices rewired to new fds and paths, vCPUs restored from `frozen`.
-    /// Call only in a child of `fork()`, where no other thread of the parent exists.
+    /// fresh KVM VM, the devices rewired to new fds and paths, vCPUs restored from `frozen`,
+    /// ready for [`Machine::start_restored`]. Call only in a child of `fork()`, where no other
+    /// thread of the parent exists.
     pub fn rebuild_in_child(
         self,
         frozen: &FrozenState,
         child: &ChildPaths,
         mut tap: Option<OwnedFd>,
-    ) -> Result<Machine, VmmError> {
+    ) -> Result<(Machine, RestoredVcpus), VmmError> {
         let Machine {
             kvm,
             vm,
@@ -277,8 +279,10 @@ impl Machine {
         drop(vm);
         drop(kvm);
 
+        let begun = std::time::Instant::now();
         let kvm = Kvm::new().map_err(|e| VmmError::KvmOpen(e.to_string()))?;
         let vm = create_vm(&kvm, &memory)?;
+        let vm_created = begun.elapsed();
         {
             let mut serial = lock(&serial);
             serial.rewire(serial_irq(&vm)?, console_sink(&Some(child.console_log.clone()), false)?);
@@ -303,10 +307,12 @@ impl Machine {
                 .map_err(|e| VmmError::Device(format!("rewiring {kind:?}: {e}")))?;
             virtio_mmio::register_with_vm(&vm, slot, &irq_for_vm)?;
         }
+        let devices_rewired = begun.elapsed();
         state::restore_vm(&vm, &frozen.vm).map_err(|e| VmmError::State(e.to_string()))?;
         let restored = frozen.vcpus.iter().map(|s| Vcpu::restore(&vm, s)).collect::<Result<Vec<_>, _>>()?;
+        let state_restored = begun.elapsed();
         let control = Arc::new(RunControl::new(frozen.vcpus.len()).map_err(io_err("run control eventfd"))?);
-        let mut machine = Machine {
+        let machine = Machine {
             kvm,
             vm,
             memory,
@@ -323,10 +329,22 @@ impl Machine {
             symbols,
             msr_indices,
         };
-        machine.start_vcpus(restored)?;
-        Ok(machine)
+        tracing::debug!(
+            "rebuilt over the inherited memory: VM created at {vm_created:?}, devices rewired at \
+             {devices_rewired:?}, state restored at {state_restored:?}"
+        );
+        Ok((machine, RestoredVcpus(restored)))
+    }
+
+    /// Starts the vCPUs of a rebuilt child; with `background`, at `SCHED_IDLE` from their
+    /// first instruction (see `branch::Background`).
+    pub fn start_restored(&mut self, vcpus: RestoredVcpus, background: bool) -> Result<(), VmmError> {
+        self.start_vcpus(vcpus.0, background)
     }
 }
+
+/// A rebuilt child's vCPUs: state restored, not running yet (see [`Machine::start_restored`]).
+pub struct RestoredVcpus(Vec<Vcpu>);
 
 /// What BRANCH captures in the parent while its vCPUs are parked.
 pub struct FrozenState {

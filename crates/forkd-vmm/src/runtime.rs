@@ -167,6 +167,7 @@ fn serve(
     background: Option<Background>,
 ) -> Result<Served, VmmError> {
     let started = Instant::now();
+    let serving_since_ns = control::monotonic_ns();
     let mut manager: EventManager<Subscriber> = EventManager::new()
         .map_err(|e| VmmError::Io { what: format!("event loop: {e:?}"), source: std::io::Error::other("epoll") })?;
     let pending: Pending = Arc::default();
@@ -212,7 +213,7 @@ fn serve(
         for (stream, req, fds) in requests {
             let resp = match req {
                 ControlRequest::Status => ControlResponse {
-                    status: Some(status(&config, &machine, started, paused)),
+                    status: Some(status(&config, &machine, (started, serving_since_ns), paused)),
                     ..ControlResponse::ok()
                 },
                 ControlRequest::Pause => {
@@ -263,7 +264,7 @@ fn serve(
                         Err(e) => ControlResponse::error(format!("releasing zero pages: {e}")),
                     }
                 }
-                ControlRequest::Branch { children } => {
+                ControlRequest::Branch { children, gate } => {
                     if let Some(bad) = children.iter().find(|d| !d.is_dir()) {
                         control::write_response(
                             &stream,
@@ -272,7 +273,9 @@ fn serve(
                         continue;
                     }
                     let asked = Instant::now();
-                    match branch::branch(machine, &config, &children, fds) {
+                    let mut taps = fds;
+                    let gate = if gate { taps.pop() } else { None };
+                    match branch::branch(machine, &config, &children, taps, gate) {
                         BranchSide::Child(machine, config, background) => {
                             // The parent answers the request; this copy of the stream just closes.
                             drop(stream);
@@ -363,11 +366,12 @@ fn finish(machine: Machine, config: &VmConfig) {
     }
 }
 
-fn status(config: &VmConfig, machine: &Machine, started: Instant, paused: bool) -> VmStatus {
+fn status(config: &VmConfig, machine: &Machine, (started, serving_since_ns): (Instant, u64), paused: bool) -> VmStatus {
     VmStatus {
         pid: std::process::id(),
         state: if paused { "paused" } else { "running" }.into(),
         uptime_ms: started.elapsed().as_millis() as u64,
+        serving_since_ns,
         vcpus: machine.vcpu_count(),
         memory_mib: config.memory_mib,
         cpu_profile: format!("{:?}", machine.profile).to_lowercase(),

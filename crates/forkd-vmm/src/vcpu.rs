@@ -136,6 +136,22 @@ pub fn can_leave_background() -> bool {
     rlimit_allows || effective & (1 << forkd_jail::libc_caps::CAP_SYS_NICE) != 0
 }
 
+fn set_own_policy(policy: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: pthread_self is always a live thread.
+    unsafe { set_policy(libc::pthread_self(), policy) }
+}
+
+/// # Safety
+/// `thread` must be a live thread.
+unsafe fn set_policy(thread: libc::pthread_t, policy: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the caller guarantees `thread` is alive; `param` is a valid sched_param.
+    match unsafe { libc::pthread_setschedparam(thread, policy, &param) } {
+        0 => Ok(()),
+        rc => Err(std::io::Error::from_raw_os_error(rc)),
+    }
+}
+
 /// The real-time signal used to kick vCPUs out of `KVM_RUN`.
 pub fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
@@ -165,6 +181,8 @@ pub struct VcpuContext {
     pub symbols: Option<Arc<emulate::Symbols>>,
     /// MSRs captured in vCPU state.
     pub msr_indices: Arc<Vec<u32>>,
+    /// Move to `SCHED_IDLE` before the first guest instruction (see `branch::Background`).
+    pub start_in_background: bool,
 }
 
 /// A configured vCPU, ready to run on its own thread.
@@ -280,6 +298,11 @@ impl Vcpu {
 
     fn run_loop(mut self, ctx: VcpuContext) {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        if ctx.start_in_background {
+            if let Err(e) = set_own_policy(libc::SCHED_IDLE) {
+                tracing::warn!("vCPU {}: cannot run the guest at idle priority: {e}", self.id);
+            }
+        }
         let mut seen_generation = 0;
         loop {
             // Honour park/exit requests before (re-)entering the guest.
@@ -504,13 +527,9 @@ impl VcpuSet {
     pub fn set_background(&self, background: bool) -> std::io::Result<()> {
         use std::os::unix::thread::JoinHandleExt;
         let policy = if background { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
-        let param = libc::sched_param { sched_priority: 0 };
         for h in &self.handles {
-            // SAFETY: the pthread is alive until joined; `param` is a valid sched_param.
-            let rc = unsafe { libc::pthread_setschedparam(h.thread.as_pthread_t(), policy, &param) };
-            if rc != 0 {
-                return Err(std::io::Error::from_raw_os_error(rc));
-            }
+            // SAFETY: the pthread is alive until joined.
+            unsafe { set_policy(h.thread.as_pthread_t(), policy) }?;
         }
         Ok(())
     }

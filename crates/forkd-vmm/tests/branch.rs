@@ -224,3 +224,60 @@ fn vmm_pid(id: &SandboxId) -> u32 {
         state["sandboxes"].as_array().unwrap().iter().find(|r| r["info"]["id"] == id.as_str()).expect("record");
     record["runtime"]["pid"].as_u64().unwrap() as u32
 }
+
+#[test]
+fn children_start_their_vcpus_only_when_the_start_gate_opens() {
+    use forkd_vmm::control::{self, ControlRequest};
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    let source = fresh();
+    let sandboxes = env().dirs.sandboxes();
+    // A child outside the controller's books: this test drives the VMM's control socket itself.
+    let dir = sandboxes.join(format!("gate-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds on success, which we then own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds are fresh and owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let request = ControlRequest::Branch { children: vec![dir.clone()], gate: true };
+    let source_socket = sandboxes.join(source.as_str()).join("control.sock");
+    let response = control::request_with_fds(&source_socket, &request, &[read.as_fd()], Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("branch with a start gate: {e}"));
+    drop(read);
+    let child_pid = response.branch.expect("a branch report").children[0].pid;
+
+    // The child is forked and rebuilt but holds its vCPUs, so it serves nothing yet.
+    let child_socket = dir.join("control.sock");
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    assert_eq!(unsafe { libc::kill(child_pid as i32, 0) }, 0, "the gated child died");
+    assert!(
+        control::request(&child_socket, &ControlRequest::Status, Duration::from_millis(200)).is_err(),
+        "the child runs before its start gate opened"
+    );
+
+    drop(write);
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    let status = loop {
+        match control::request(&child_socket, &ControlRequest::Status, Duration::from_secs(1)) {
+            Ok(resp) => break resp.status.expect("a status"),
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("the child never started after the gate opened: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert_eq!(status.state, "running");
+    assert_eq!(sh_ok(&source, "echo alive"), "alive");
+
+    let _ = control::request(&child_socket, &ControlRequest::Shutdown, Duration::from_secs(5));
+    for _ in 0..100 {
+        // SAFETY: as above.
+        if unsafe { libc::kill(child_pid as i32, 0) } != 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    controller().destroy(&source).unwrap();
+}

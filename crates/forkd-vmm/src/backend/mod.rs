@@ -568,8 +568,19 @@ impl SandboxBackend for KvmBackend {
         tracing::debug!(children = children.len(), "branch: isolation ready after {:?}", begun.elapsed());
         let held = prepare_source_for_fork(&source);
         tracing::debug!("branch: source prepared after {:?}", begun.elapsed());
-        let request = ControlRequest::Branch { children: dirs.clone() };
-        let tap_refs: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
+        // Children moved into their cgroups while others start threads stall each other (see
+        // `ControlRequest::Branch`): they wait at this gate until all are moved.
+        let gate = match source.cgroup.is_some().then(crate::branch::pipe).transpose() {
+            Ok(gate) => gate,
+            Err(e) => {
+                undo(&isolated);
+                cleanup(&dirs);
+                return Err(Error::internal(format!("branch start gate: {e}")));
+            }
+        };
+        let request = ControlRequest::Branch { children: dirs.clone(), gate: gate.is_some() };
+        let tap_refs: Vec<_> =
+            taps.iter().map(|t| t.as_fd()).chain(gate.as_ref().map(|(read, _)| read.as_fd())).collect();
         let report =
             match control::request_with_fds(&source.control_socket, &request, &tap_refs, Duration::from_secs(120)) {
                 Ok(resp) => resp.branch.ok_or_else(|| Error::internal("the VMM answered a branch without a report")),
@@ -578,6 +589,8 @@ impl SandboxBackend for KvmBackend {
         drop(tap_refs);
         drop(taps);
         drop(held);
+        // The children hold the read end now; the write end closes once they are moved.
+        let gate = gate.map(|(_, write)| write);
         let report = report.inspect_err(|_| {
             undo(&isolated);
             cleanup(&dirs);
@@ -608,6 +621,7 @@ impl SandboxBackend for KvmBackend {
                 }
             })
             .collect();
+        drop(gate);
         tracing::debug!("branch: children forked and in their cgroups after {:?}", begun.elapsed());
         let results = all_children_ready(&runtimes, self.options.boot_timeout);
         tracing::debug!("branch: children ready after {:?}", begun.elapsed());
