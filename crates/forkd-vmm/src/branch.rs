@@ -332,22 +332,29 @@ fn rewrite_in_place(line: &[u8]) -> bool {
 /// same), or `GATE_LIMIT` passes.
 fn wait_for_gate(gate: &OwnedFd) {
     let started = Instant::now();
+    // Nobody writes: readable means end of file.
+    if readable_before(gate, started + GATE_LIMIT) {
+        tracing::debug!("start gate opened after {:?}", started.elapsed());
+    } else {
+        tracing::warn!("the start gate stayed shut for {GATE_LIMIT:?}: starting the vCPUs anyway");
+    }
+}
+
+/// Waits until `fd` is readable (data, end of file or an error, which waiting longer would not
+/// mend) and says so, or returns false at `deadline`. Interrupted waits resume.
+fn readable_before(fd: &OwnedFd, deadline: Instant) -> bool {
     loop {
-        let left = GATE_LIMIT.saturating_sub(started.elapsed());
+        let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            tracing::warn!("the start gate stayed shut for {GATE_LIMIT:?}: starting the vCPUs anyway");
-            return;
+            return false;
         }
-        let mut pfd = libc::pollfd { fd: gate.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: polling one valid fd.
         let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-        if ready < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        if ready != 0 {
-            // End of file (or an error, which waiting longer would not mend). Nobody writes.
-            tracing::debug!("start gate opened after {:?}", started.elapsed());
-            return;
+        match ready {
+            0 => return false,
+            r if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => continue,
+            _ => return true,
         }
     }
 }
@@ -370,14 +377,7 @@ fn collect_children(
     let deadline = Instant::now() + ZYGOTE_REPORT_TIMEOUT;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut pfd = libc::pollfd { fd: read_end.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: polling one valid fd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-        if ready <= 0 {
-            break;
-        }
+    while readable_before(&read_end, deadline) {
         // SAFETY: reading into a local buffer from our pipe fd.
         let n = unsafe { libc::read(read_end.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) };
         if n <= 0 {

@@ -191,7 +191,7 @@ fn serve(
         }
         if let Some(until) = background_until {
             if siblings_done.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() >= until {
-                if let Err(e) = machine.vcpus.set_background(false) {
+                if let Err(e) = machine.vcpus.leave_background() {
                     tracing::error!("cannot bring the guest back to normal priority: {e}");
                 }
                 tracing::info!("guest at normal priority after {:?}", started.elapsed());
@@ -213,7 +213,7 @@ fn serve(
         for (stream, req, fds) in requests {
             let resp = match req {
                 ControlRequest::Status => ControlResponse {
-                    status: Some(status(&config, &machine, (started, serving_since_ns), paused)),
+                    status: Some(status(&config, &machine, serving_since_ns, paused)),
                     ..ControlResponse::ok()
                 },
                 ControlRequest::Pause => {
@@ -366,11 +366,11 @@ fn finish(machine: Machine, config: &VmConfig) {
     }
 }
 
-fn status(config: &VmConfig, machine: &Machine, (started, serving_since_ns): (Instant, u64), paused: bool) -> VmStatus {
+fn status(config: &VmConfig, machine: &Machine, serving_since_ns: u64, paused: bool) -> VmStatus {
     VmStatus {
         pid: std::process::id(),
         state: if paused { "paused" } else { "running" }.into(),
-        uptime_ms: started.elapsed().as_millis() as u64,
+        uptime_ms: control::monotonic_ns().saturating_sub(serving_since_ns) / 1_000_000,
         serving_since_ns,
         vcpus: machine.vcpu_count(),
         memory_mib: config.memory_mib,

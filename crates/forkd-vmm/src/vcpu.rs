@@ -521,15 +521,14 @@ impl VcpuSet {
         self.control.changed.notify_all();
     }
 
-    /// Moves every vCPU thread to `SCHED_IDLE` (`background`: the guest runs only on CPU time
-    /// nothing else wants) or back to normal priority. Returning needs `CAP_SYS_NICE` or an
-    /// `RLIMIT_NICE` of 20; check [`can_leave_background`] first.
-    pub fn set_background(&self, background: bool) -> std::io::Result<()> {
+    /// Brings vCPU threads that started at `SCHED_IDLE` (`VcpuContext::start_in_background`)
+    /// back to normal priority. Needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20; check
+    /// [`can_leave_background`] before starting them there.
+    pub fn leave_background(&self) -> std::io::Result<()> {
         use std::os::unix::thread::JoinHandleExt;
-        let policy = if background { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
         for h in &self.handles {
             // SAFETY: the pthread is alive until joined.
-            unsafe { set_policy(h.thread.as_pthread_t(), policy) }?;
+            unsafe { set_policy(h.thread.as_pthread_t(), libc::SCHED_OTHER) }?;
         }
         Ok(())
     }
