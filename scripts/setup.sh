@@ -48,6 +48,9 @@ step "guest kernel (cached by hash; the first build takes about 4 minutes)"
 step "tiny image (busybox + agent)"
 "$forkd" image build tiny
 
+step "default image (Debian bookworm + python3 + agent; about 2 minutes)"
+"$forkd" image build default
+
 "$forkd" doctor || true
 
 if [ "$demo" = 1 ]; then

@@ -13,4 +13,5 @@ export FORKD_BIN="$PWD/target/release/forkd"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+python3 scripts/check-imports.py
 cargo test --workspace --release -- --test-threads=4

@@ -7,10 +7,9 @@
 use crate::stats::{ms, table};
 use crate::{host_description, now_unix, write_results};
 use anyhow::{Context, Result};
-use forkd_core::Controller;
-use forkd_daemon::client::{pb, Client, Target};
-use forkd_guest::dirs::Dirs;
-use forkd_vmm::backend::{KvmBackend, KvmOptions};
+use forkd_client::grpc::{pb, Connection as Client, Target};
+use forkd_core::ControllerOptions;
+use forkd_kvm::KvmOptions;
 use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
@@ -68,12 +67,9 @@ async fn client_loop(socket: std::path::PathBuf, ids: Arc<Vec<String>>, n: usize
 
 pub fn bench_load(out: &Path, opts: &LoadOptions) -> Result<()> {
     anyhow::ensure!(opts.clients > 0 && opts.sandboxes > 0, "need at least one client and one sandbox");
-    let host = Dirs::from_env();
-    let state = tempfile::Builder::new().prefix("forkd-bench-load-").tempdir()?;
-    std::os::unix::fs::symlink(host.images(), state.path().join("images"))?;
-    let dirs = Dirs { state: state.path().to_path_buf(), cache: host.cache };
-    let backend = KvmBackend::new(dirs.clone(), KvmOptions::default())?;
-    let controller = Arc::new(Controller::open(Arc::new(backend), &dirs.state, "bench")?);
+    let (state, dirs) = crate::throwaway_state("forkd-bench-load-")?;
+    let controller =
+        Arc::new(forkd_client::open_controller(&dirs, KvmOptions::default(), "bench", ControllerOptions::default())?);
     let socket = state.path().join("forkd.sock");
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(1024).build()?;

@@ -4,19 +4,20 @@
 //!   forkd-bench boot   [--runs 5] [--execs 20]
 //!   forkd-bench branch [--memory 256M,1G,4G] [--counts 1,4,16,100] [--rounds 10]
 //!   forkd-bench load   [--clients 50] [--sandboxes 10] [--seconds 30]
+//!   forkd-bench snapshot [--memory 256M,1G,4G] [--rounds 5] [--fanout 100]
 
 mod load;
+mod snapshot;
 mod stats;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use forkd_core::{BranchOptions, CapturedOutput, Controller, ExecRequest, SandboxId, SandboxSpec};
-use forkd_guest::dirs::Dirs;
-use forkd_vmm::backend::{KvmBackend, KvmOptions};
+use forkd_client::Client;
+use forkd_core::{BranchOptions, CapturedOutput, ControllerOptions, Dirs, ExecRequest, SandboxId, SandboxSpec};
+use forkd_kvm::KvmOptions;
 use serde_json::json;
 use stats::{ms, summarize, table};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Parser)]
@@ -50,6 +51,17 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         rounds: usize,
     },
+    /// Durable snapshots: source pause next to BRANCH and the file snapshot, bytes written
+    /// (full, diff), writer bandwidth next to `dd oflag=direct`, restore time, and N sandboxes
+    /// from one snapshot.
+    Snapshot {
+        #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G")]
+        memory: Vec<String>,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value_t = 100)]
+        fanout: u32,
+    },
     /// The daemon under load: concurrent gRPC clients doing exec on BRANCHed sandboxes over a
     /// loopback Unix socket; exec latency percentiles and failures.
     Load {
@@ -62,26 +74,33 @@ enum Cmd {
     },
 }
 
-/// A controller over a throwaway state directory that uses the host's prepared images.
-struct Bench {
-    controller: Controller,
-    state: tempfile::TempDir,
+/// A throwaway state directory that uses the host's prepared images (the `images` link).
+pub(crate) fn throwaway_state(prefix: &str) -> Result<(tempfile::TempDir, Dirs)> {
+    let host = Dirs::from_env();
+    let state = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    std::os::unix::fs::symlink(host.images(), state.path().join("images"))?;
+    let dirs = Dirs { state: state.path().to_path_buf(), cache: host.cache };
+    Ok((state, dirs))
+}
+
+/// An embedded forkd client over a throwaway state directory.
+pub(crate) struct Bench {
+    pub(crate) client: Client,
+    pub(crate) state: tempfile::TempDir,
 }
 
 impl Bench {
     fn new() -> Result<Self> {
-        let host = Dirs::from_env();
-        let state = tempfile::Builder::new().prefix("forkd-bench-").tempdir()?;
-        std::os::unix::fs::symlink(host.images(), state.path().join("images"))?;
-        let dirs = Dirs { state: state.path().to_path_buf(), cache: host.cache };
-        let backend = KvmBackend::new(dirs, KvmOptions::default())?;
-        Ok(Self { controller: Controller::new(Arc::new(backend)), state })
+        let (state, dirs) = throwaway_state("forkd-bench-")?;
+        let controller =
+            forkd_client::open_controller(&dirs, KvmOptions::default(), "bench", ControllerOptions::default())?;
+        Ok(Self { client: Client::from_controller(controller), state })
     }
 
     fn exec(&self, id: &SandboxId, argv: &[&str]) -> Result<Duration> {
         let started = Instant::now();
-        let outcome =
-            self.controller.exec(id, &ExecRequest::new(argv.iter().copied()), None, &mut CapturedOutput::default())?;
+        let req = ExecRequest::new(argv.iter().copied());
+        let outcome = self.client.exec(id, &req, None, &mut CapturedOutput::default(), &Default::default())?;
         anyhow::ensure!(outcome.status.shell_code() == 0, "{argv:?} failed: {:?}", outcome.status);
         Ok(started.elapsed())
     }
@@ -95,7 +114,9 @@ impl Bench {
 
 impl Drop for Bench {
     fn drop(&mut self) {
-        let _ = self.controller.destroy_all();
+        for sandbox in self.client.list().unwrap_or_default() {
+            let _ = self.client.destroy(&sandbox.id);
+        }
     }
 }
 
@@ -103,7 +124,7 @@ fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn host_description() -> String {
+pub(crate) fn host_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -117,7 +138,7 @@ fn host_description() -> String {
     format!("{} CPUs, {cpu}, {kvm}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
-fn write_results(out: &Path, name: &str, json: &serde_json::Value, markdown: &str) -> Result<PathBuf> {
+pub(crate) fn write_results(out: &Path, name: &str, json: &serde_json::Value, markdown: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(out)?;
     let stem = out.join(format!("{name}-{}", now_unix()));
     std::fs::write(stem.with_extension("json"), serde_json::to_vec_pretty(json)?)?;
@@ -131,14 +152,14 @@ fn bench_boot(out: &Path, runs: usize, execs: usize, memory: &str) -> Result<()>
     let mut boots = Vec::new();
     for i in 0..runs {
         let started = Instant::now();
-        let sb = bench.controller.create(spec.clone()).context("boot")?;
+        let sb = bench.client.create(spec.clone()).context("boot")?;
         boots.push(started.elapsed());
         eprintln!("boot {}/{runs}: {:?}", i + 1, boots.last().unwrap_or(&Duration::ZERO));
         if i + 1 < runs {
-            bench.controller.destroy(&sb.id)?;
+            bench.client.destroy(&sb.id)?;
         }
     }
-    let id = bench.controller.list().first().map(|s| s.id.clone()).context("no sandbox")?;
+    let id = bench.client.list()?.first().map(|s| s.id.clone()).context("no sandbox")?;
     let mut trues = Vec::new();
     let mut shells = Vec::new();
     for _ in 0..execs {
@@ -170,7 +191,7 @@ fn bench_boot(out: &Path, runs: usize, execs: usize, memory: &str) -> Result<()>
 }
 
 /// Starts a user-space loop that keeps rewriting about a quarter of guest memory.
-fn start_dirtier(bench: &Bench, id: &SandboxId, memory_mib: u64) -> Result<()> {
+pub(crate) fn start_dirtier(bench: &Bench, id: &SandboxId, memory_mib: u64) -> Result<()> {
     let elements = memory_mib * 1024 * 2; // awk array cells; roughly 128 bytes each
     let script = format!(
         "setsid awk 'BEGIN {{ n = {elements}; while (1) for (i = 0; i < n; i++) a[i] = i }}' >/dev/null 2>&1 </dev/null &"
@@ -180,7 +201,7 @@ fn start_dirtier(bench: &Bench, id: &SandboxId, memory_mib: u64) -> Result<()> {
     Ok(())
 }
 
-fn dump_pause(bench: &Bench, id: &SandboxId, path: &Path) -> Result<Duration> {
+pub(crate) fn dump_pause(bench: &Bench, id: &SandboxId, path: &Path) -> Result<Duration> {
     use forkd_vmm::control::{request_with_fds, ControlRequest};
     use std::os::fd::AsFd;
     // The VMM is jailed in its own mount namespace: hand it the open file.
@@ -214,17 +235,17 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
     for memory in memories {
         let mib = forkd_core::size::parse_mib("memory", memory)?;
         eprintln!("booting a {memory} source...");
-        let source = bench.controller.create(SandboxSpec { memory_mib: mib, ..Default::default() })?;
+        let source = bench.client.create(SandboxSpec { memory_mib: mib, ..Default::default() })?;
         start_dirtier(&bench, &source.id, mib)?;
         let (mut pauses, mut ready, mut first_exec) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             let started = Instant::now();
-            let result = bench.controller.branch(&source.id, &BranchOptions::count(1))?;
+            let result = bench.client.branch(&source.id, &BranchOptions::count(1))?;
             ready.push(started.elapsed());
             pauses.push(result.pause);
             let child = &result.children[0].id;
             first_exec.push(bench.exec(child, &["/bin/true"])?);
-            bench.controller.destroy(child)?;
+            bench.client.destroy(child)?;
             eprintln!("{memory} round {}: pause {:?}", round + 1, result.pause);
         }
         raw_pauses.insert(memory.clone(), json!(pauses.iter().map(|p| p.as_secs_f64() * 1000.0).collect::<Vec<_>>()));
@@ -238,18 +259,18 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
             dump_tmpfs,
             dump_disk,
         });
-        bench.controller.destroy(&source.id)?;
+        bench.client.destroy(&source.id)?;
     }
 
     // Fan-out on a small source.
     eprintln!("booting a 256M source for fan-out...");
-    let source = bench.controller.create(SandboxSpec::default())?;
+    let source = bench.client.create(SandboxSpec::default())?;
     let mut fanout_rows = Vec::new();
     let mut fanout_json = Vec::new();
     for &n in counts {
         let started_ns = forkd_vmm::control::monotonic_ns();
         let started = Instant::now();
-        let result = bench.controller.branch(&source.id, &BranchOptions::count(n))?;
+        let result = bench.client.branch(&source.id, &BranchOptions::count(n))?;
         let all_ready = started.elapsed();
         let running = vmm_running_ms(&bench.state.path().join("sandboxes"), &result.children, started_ns);
         // Every child must have answered, or the last one's time is unknown.
@@ -262,17 +283,13 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
         }
         let first = bench.exec(&result.children[0].id, &["/bin/true"])?;
         std::thread::sleep(Duration::from_secs(1));
-        let pss: Vec<u64> = result
-            .children
-            .iter()
-            .filter_map(|c| bench.controller.memory_usage(&c.id).ok())
-            .map(|m| m.pss_kib)
-            .collect();
+        let pss: Vec<u64> =
+            result.children.iter().filter_map(|c| bench.client.memory_usage(&c.id).ok()).map(|m| m.pss_kib).collect();
         let pss_avg = pss.iter().sum::<u64>() as f64 / pss.len().max(1) as f64 / 1024.0;
         let private: Vec<u64> = result
             .children
             .iter()
-            .filter_map(|c| bench.controller.memory_usage(&c.id).ok())
+            .filter_map(|c| bench.client.memory_usage(&c.id).ok())
             .map(|m| m.private_dirty_kib)
             .collect();
         let private_avg = private.iter().sum::<u64>() as f64 / private.len().max(1) as f64 / 1024.0;
@@ -293,7 +310,7 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
             "all_ready_ms": all_ready.as_secs_f64() * 1000.0, "first_exec_ms": first.as_secs_f64() * 1000.0,
             "pss_per_child_mib": pss_avg, "private_dirty_per_child_mib": private_avg}));
         for c in &result.children {
-            bench.controller.destroy(&c.id)?;
+            bench.client.destroy(&c.id)?;
         }
     }
 
@@ -357,7 +374,7 @@ fn bench_branch(out: &Path, memories: &[String], counts: &[u32], rounds: usize) 
 /// the inherited memory, state restored, vCPUs running), before any guest work. Read from the
 /// children's own clocks after the branch, so how fast this process gets to ask them (100
 /// guests busy on two CPUs) does not count.
-fn vmm_running_ms(sandboxes: &Path, children: &[forkd_core::SandboxInfo], started_ns: u64) -> Vec<f64> {
+pub(crate) fn vmm_running_ms(sandboxes: &Path, children: &[forkd_core::SandboxInfo], started_ns: u64) -> Vec<f64> {
     let mut times: Vec<f64> = children
         .iter()
         .filter_map(|child| {
@@ -376,10 +393,28 @@ fn vmm_running_ms(sandboxes: &Path, children: &[forkd_core::SandboxInfo], starte
 
 /// Pause vs guest memory: BRANCH against the file-snapshot method (log scale).
 fn plot(path: &Path, rows: &[MemoryRow]) -> Result<()> {
+    use plotters::style::{BLUE, MAGENTA, RED};
+    let points = |f: &dyn Fn(&MemoryRow) -> f64| rows.iter().map(|r| (r.memory.clone(), f(r))).collect::<Vec<_>>();
+    plot_pauses(
+        path,
+        &[
+            ("BRANCH (p50)", BLUE, points(&|r| r.pauses.p50_ms)),
+            ("file snapshot, tmpfs", RED, points(&|r| r.dump_tmpfs.as_secs_f64() * 1000.0)),
+            ("file snapshot, disk", MAGENTA, points(&|r| r.dump_disk.as_secs_f64() * 1000.0)),
+        ],
+    )
+}
+
+/// One line of a pause plot: its name, color, and (guest memory, pause ms) points.
+pub(crate) type PauseSeries<'a> = (&'a str, plotters::style::RGBColor, Vec<(String, f64)>);
+
+/// "Source pause vs guest memory" on a log scale, one line per series, to an SVG file.
+pub(crate) fn plot_pauses(path: &Path, series: &[PauseSeries<'_>]) -> Result<()> {
     use plotters::prelude::*;
     let gib = |m: &str| forkd_core::size::parse_mib("memory", m).map(|v| v as f64 / 1024.0).unwrap_or(0.0);
-    let max_x = rows.iter().map(|r| gib(&r.memory)).fold(0.5, f64::max) * 1.1;
-    let max_y = rows.iter().map(|r| r.dump_disk.as_secs_f64() * 1000.0).fold(10.0, f64::max) * 2.0;
+    let all = || series.iter().flat_map(|(_, _, points)| points.iter());
+    let max_x = all().map(|(m, _)| gib(m)).fold(0.5, f64::max) * 1.1;
+    let max_y = all().map(|(_, ms)| *ms).fold(10.0, f64::max) * 2.0;
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -389,16 +424,12 @@ fn plot(path: &Path, rows: &[MemoryRow]) -> Result<()> {
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..max_x, (0.1f64..max_y).log_scale())?;
     chart.configure_mesh().x_desc("guest memory (GiB)").y_desc("pause (ms, log)").draw()?;
-    let series =
-        |f: &dyn Fn(&MemoryRow) -> f64| rows.iter().map(|r| (gib(&r.memory), f(r).max(0.1))).collect::<Vec<_>>();
-    for (name, color, points) in [
-        ("BRANCH (p50)", BLUE, series(&|r| r.pauses.p50_ms)),
-        ("file snapshot, tmpfs", RED, series(&|r| r.dump_tmpfs.as_secs_f64() * 1000.0)),
-        ("file snapshot, disk", MAGENTA, series(&|r| r.dump_disk.as_secs_f64() * 1000.0)),
-    ] {
+    for (name, color, points) in series {
+        let color = *color;
+        let points: Vec<(f64, f64)> = points.iter().map(|(m, ms)| (gib(m), ms.max(0.1))).collect();
         chart
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(name)
+            .label(*name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
     }
@@ -412,6 +443,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Boot { runs, execs, memory } => bench_boot(&cli.out, runs, execs, &memory),
         Cmd::Branch { memory, counts, rounds } => bench_branch(&cli.out, &memory, &counts, rounds),
+        Cmd::Snapshot { memory, rounds, fanout } => snapshot::bench_snapshot(&cli.out, &memory, rounds, fanout),
         Cmd::Load { clients, sandboxes, seconds } => load::bench_load(
             &cli.out,
             &load::LoadOptions { clients, sandboxes, duration: std::time::Duration::from_secs(seconds) },
