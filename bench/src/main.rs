@@ -5,7 +5,11 @@
 //!   forkd-bench branch [--memory 256M,1G,4G] [--counts 1,4,16,100] [--rounds 10]
 //!   forkd-bench load   [--clients 50] [--sandboxes 10] [--seconds 30]
 //!   forkd-bench snapshot [--memory 256M,1G,4G] [--rounds 5] [--fanout 100]
+//!   forkd-bench exec   [--runs 20] [--children 5] [--image default]
+//!   forkd-bench files  [--sizes 1M,64M,256M]
 
+mod exec;
+mod files;
 mod load;
 mod snapshot;
 mod stats;
@@ -62,6 +66,21 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         fanout: u32,
     },
+    /// Running code: eval in a warm context, exec /bin/true, exec python3 -c pass, and the first
+    /// eval in a child of a warm template.
+    Exec {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long, default_value_t = 5)]
+        children: usize,
+        #[arg(long, default_value = "default")]
+        image: String,
+    },
+    /// File transfer into and out of a sandbox, MB/s each way.
+    Files {
+        #[arg(long, value_delimiter = ',', default_value = "1M,64M,256M")]
+        sizes: Vec<String>,
+    },
     /// The daemon under load: concurrent gRPC clients doing exec on BRANCHed sandboxes over a
     /// loopback Unix socket; exec latency percentiles and failures.
     Load {
@@ -97,7 +116,7 @@ impl Bench {
         Ok(Self { client: Client::from_controller(controller), state })
     }
 
-    fn exec(&self, id: &SandboxId, argv: &[&str]) -> Result<Duration> {
+    pub(crate) fn exec(&self, id: &SandboxId, argv: &[&str]) -> Result<Duration> {
         let started = Instant::now();
         let req = ExecRequest::new(argv.iter().copied());
         let outcome = self.client.exec(id, &req, None, &mut CapturedOutput::default(), &Default::default())?;
@@ -444,6 +463,8 @@ fn main() -> Result<()> {
         Cmd::Boot { runs, execs, memory } => bench_boot(&cli.out, runs, execs, &memory),
         Cmd::Branch { memory, counts, rounds } => bench_branch(&cli.out, &memory, &counts, rounds),
         Cmd::Snapshot { memory, rounds, fanout } => snapshot::bench_snapshot(&cli.out, &memory, rounds, fanout),
+        Cmd::Exec { runs, children, image } => exec::bench_exec(&cli.out, runs, children, &image),
+        Cmd::Files { sizes } => files::bench_files(&cli.out, &sizes),
         Cmd::Load { clients, sandboxes, seconds } => load::bench_load(
             &cli.out,
             &load::LoadOptions { clients, sandboxes, duration: std::time::Duration::from_secs(seconds) },

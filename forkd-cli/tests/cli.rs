@@ -33,6 +33,8 @@ fn text(bytes: &[u8]) -> String {
 extern "C" fn cleanup() {
     if let Some(env) = ENV.get() {
         let _ = forkd(env.state.path(), &["rm", "--all"]);
+        // The TempDir lives in a static and is never dropped.
+        let _ = std::fs::remove_dir_all(env.state.path());
     }
 }
 

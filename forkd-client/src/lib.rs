@@ -23,6 +23,7 @@
 
 pub mod grpc;
 mod remote;
+mod wait;
 
 use forkd_core::{
     BranchOptions, BranchResult, CancelToken, ContextInfo, Controller, ControllerOptions, DirEntry, Dirs, Error,
@@ -38,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use remote::MAX_STDIN;
+pub use wait::{WaitOutcome, WaitSource};
 
 /// How [`Client::connect`] finds forkd.
 #[derive(Debug, Clone)]

@@ -21,6 +21,7 @@ pub mod snapshot;
 pub mod spec;
 pub mod store;
 pub mod time;
+pub mod token;
 
 pub use backend::{BranchOptions, DirEntry, Liveness, MemoryUsage, ResourceUsage, RuntimeHandle, SandboxBackend};
 pub use controller::{Controller, ControllerOptions};

@@ -22,5 +22,6 @@ mod grpc;
 mod metrics;
 pub mod rest;
 mod server;
+mod uds_authority;
 
-pub use server::{read_token_file, run, serve, Config, DaemonError, TcpConfig};
+pub use server::{run, serve, Config, DaemonError, TcpConfig};

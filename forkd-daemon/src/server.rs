@@ -5,6 +5,7 @@ use crate::auth::{self, Token};
 use crate::grpc::Grpc;
 use crate::metrics::Metrics;
 use crate::rest;
+use crate::uds_authority::UnixGrpcListener;
 use forkd_core::Controller;
 use forkd_core::Dirs;
 use forkd_proto::convert::MAX_MESSAGE_BYTES;
@@ -40,7 +41,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError
 #[derive(Clone)]
 pub struct TcpConfig {
     pub addr: SocketAddr,
-    pub token: String,
+    pub token: forkd_core::token::BearerToken,
 }
 
 impl std::fmt::Debug for TcpConfig {
@@ -71,26 +72,6 @@ impl Config {
             shutdown_grace: Duration::from_secs(5),
         }
     }
-}
-
-/// Reads a bearer token: the file's content without surrounding whitespace, at least 16
-/// characters.
-pub fn read_token_file(path: &Path) -> Result<String, DaemonError> {
-    let text = std::fs::read_to_string(path).map_err(io_err(format!("reading token file {}", path.display())))?;
-    let token = text.trim().to_string();
-    if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(DaemonError::Setup(format!(
-            "{} must hold one token of at least 16 printable characters (e.g. `openssl rand -hex 32 > {}`)",
-            path.display(),
-            path.display()
-        )));
-    }
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!("{} is readable by other users; chmod 600 it", path.display());
-        }
-    }
-    Ok(token)
 }
 
 /// One daemon per state directory: an exclusive lock on `daemon.lock`, released when the
@@ -248,13 +229,10 @@ pub async fn serve(
     let graceful = |mut rx: broadcast::Receiver<()>| async move {
         let _ = rx.recv().await;
     };
-    let unix_server =
-        axum::serve(unix, app.clone().into_make_service()).with_graceful_shutdown(graceful(quit_tx.subscribe()));
+    let unix_server = axum::serve(UnixGrpcListener(unix), app.clone().into_make_service())
+        .with_graceful_shutdown(graceful(quit_tx.subscribe()));
     let tcp_server = tcp.map(|listener| {
-        let token = Token {
-            expected: Arc::new(config.tcp.as_ref().map(|t| t.token.as_bytes().to_vec()).unwrap_or_default()),
-            metrics: metrics.clone(),
-        };
+        let token = Token { expected: config.tcp.as_ref().map(|t| t.token.clone()), metrics: metrics.clone() };
         let app = app.clone().layer(axum::middleware::from_fn_with_state(token, auth::require_token));
         axum::serve(listener, app.into_make_service()).with_graceful_shutdown(graceful(quit_tx.subscribe()))
     });

@@ -54,7 +54,7 @@ pub fn run(ctx: &Context, args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let mut config = forkd_daemon::Config::new(&socket);
     config.socket_mode = mode;
     if let (Some(addr), Some(file)) = (args.tcp, &args.token_file) {
-        config.tcp = Some(forkd_daemon::TcpConfig { addr, token: forkd_daemon::read_token_file(file)? });
+        config.tcp = Some(forkd_daemon::TcpConfig { addr, token: forkd_core::token::BearerToken::from_file(file)? });
     }
     let options = ControllerOptions {
         max_concurrent_creates: args.max_concurrent_creates,

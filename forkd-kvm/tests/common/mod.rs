@@ -41,6 +41,8 @@ pub fn images_dir() -> PathBuf {
 extern "C" fn destroy_everything() {
     if let Some(env) = ENV.get() {
         let _ = env.controller.destroy_all();
+        // The TempDir lives in a static and is never dropped.
+        let _ = std::fs::remove_dir_all(&env.dirs.state);
     }
 }
 
