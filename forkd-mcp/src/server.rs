@@ -87,6 +87,12 @@ fn seconds(field: &str, secs: Option<f64>, default: Duration, max: Option<Durati
     Ok(max.map_or(duration, |m| duration.min(m)))
 }
 
+/// The sandbox id and a request `build` made and validated, or the error to report.
+fn prepare<R>(id: &str, build: impl FnOnce() -> forkd_core::Result<R>) -> forkd_core::Result<(SandboxId, R)> {
+    let request = build()?;
+    Ok((parse_id(id)?, request))
+}
+
 fn count(field: &str, n: Option<u32>) -> forkd_core::Result<u32> {
     match n.unwrap_or(1) {
         n @ 1..=MAX_COUNT => Ok(n),
@@ -129,6 +135,11 @@ impl Write for Capped {
 impl ForkdMcp {
     pub fn new(config: Config, session: Arc<Session>) -> Self {
         Self { config, session, tool_router: Self::tool_router() }
+    }
+
+    /// The output cap of one call: what it asked for, never more than the server's.
+    fn output_limit(&self, asked: Option<usize>) -> usize {
+        asked.unwrap_or(self.config.max_output).min(self.config.max_output)
     }
 
     /// Runs a blocking client call off the async workers.
@@ -284,15 +295,15 @@ impl ForkdMcp {
         annotations(destructive_hint = true, open_world_hint = false)
     )]
     async fn exec_command(&self, Parameters(p): Parameters<ExecCommand>, ct: CancellationToken) -> ToolResult {
-        let limit = p.max_output_bytes.unwrap_or(self.config.max_output).min(self.config.max_output);
-        let request = (|| {
+        let limit = self.output_limit(p.max_output_bytes);
+        let request = prepare(&p.id, || {
             let mut req = ExecRequest::new(p.command.clone());
             req.env = p.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
             req.cwd = p.cwd.clone();
             req.timeout = Some(seconds("timeout_secs", p.timeout_secs, DEFAULT_TIMEOUT, None)?);
             req.validate()?;
-            Ok((parse_id(&p.id)?, req))
-        })();
+            Ok(req)
+        });
         let (id, req) = match request {
             Ok(r) => r,
             Err(e) => return reply(Err(e)),
@@ -328,14 +339,14 @@ impl ForkdMcp {
         annotations(destructive_hint = true, open_world_hint = false)
     )]
     async fn eval_code(&self, Parameters(p): Parameters<EvalCode>, ct: CancellationToken) -> ToolResult {
-        let limit = p.max_output_bytes.unwrap_or(self.config.max_output).min(self.config.max_output);
-        let request = (|| {
+        let limit = self.output_limit(p.max_output_bytes);
+        let request = prepare(&p.id, || {
             let mut req = EvalRequest::new(p.code.clone());
             req.context = p.context.clone();
             req.timeout = Some(seconds("timeout_secs", p.timeout_secs, DEFAULT_TIMEOUT, None)?);
             req.validate()?;
-            Ok((parse_id(&p.id)?, req))
-        })();
+            Ok(req)
+        });
         let (id, req) = match request {
             Ok(r) => r,
             Err(e) => return reply(Err(e)),
