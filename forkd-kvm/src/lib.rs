@@ -37,7 +37,7 @@ use forkd_core::{ContextInfo, EvalRequest, EvalResult, SnapshotInfo, VerifyRepor
 use forkd_vmm::control::{self, ControlRequest};
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The guest port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
@@ -101,6 +101,9 @@ impl KvmBackend {
     }
 }
 
+/// How long removing a sandbox waits for snapshots of it still being written.
+const SNAPSHOT_WRITER_GRACE: Duration = Duration::from_secs(300);
+
 /// Stops a sandbox's VMM (politely, then SIGKILL) and removes its network, cgroup and
 /// directory. Idempotent.
 fn stop_and_remove(rt: &VmmRuntime) -> Result<()> {
@@ -111,11 +114,39 @@ fn stop_and_remove(rt: &VmmRuntime) -> Result<()> {
             process::wait_exit(rt.pid, Duration::from_secs(3));
         }
     }
+    wait_for_snapshot_writers(rt);
     isolation::teardown(rt.net.as_ref(), rt.cgroup.as_ref())?;
     match std::fs::remove_dir_all(&rt.dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::internal(format!("removing {}: {e}", rt.dir.display()))),
+    }
+}
+
+/// A snapshot taken without waiting is written by a frozen copy of the VMM that lives in the
+/// sandbox's cgroup; tearing the cgroup down would kill it and lose the snapshot the caller
+/// was told is on its way. So removal lets running writers finish first (bounded).
+fn wait_for_snapshot_writers(rt: &VmmRuntime) {
+    let Some(cgroup) = rt.cgroup.as_ref() else {
+        return; // not confined: nothing will kill the writers
+    };
+    let deadline = Instant::now() + SNAPSHOT_WRITER_GRACE;
+    let mut announced = false;
+    loop {
+        let writers: Vec<u32> =
+            cgroup.pids().unwrap_or_default().into_iter().filter(|&pid| process::is_snapshot_writer(pid)).collect();
+        if writers.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(dir = %rt.dir.display(), ?writers, "snapshot writers still running; removing the sandbox anyway");
+            return;
+        }
+        if !announced {
+            tracing::info!(dir = %rt.dir.display(), ?writers, "waiting for snapshot writers before removing the sandbox");
+            announced = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

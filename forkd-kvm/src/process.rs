@@ -25,6 +25,13 @@ pub fn is_alive(pid: u32, start: u64) -> bool {
     }
 }
 
+/// True if `pid` is a VMM's snapshot writer, which names itself so in its command line
+/// (`forkd-vmm snapshot-writer <snapshot id>`). Zombies have no command line.
+pub fn is_snapshot_writer(pid: u32) -> bool {
+    let marker: &[u8] = b"snapshot-writer";
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(marker.len()).any(|w| w == marker))
+}
+
 fn is_zombie(pid: u32) -> bool {
     stat_fields(pid).map(|f| f.first().map(String::as_str) == Some("Z")).unwrap_or(true)
 }

@@ -349,3 +349,22 @@ fn a_full_disk_fails_the_snapshot_clearly_and_harms_nothing() {
     std::fs::remove_file(&filler).unwrap();
     controller.destroy_all().unwrap();
 }
+
+#[test]
+fn removing_a_sandbox_lets_its_snapshot_finish_writing() {
+    let source = fresh();
+    // Slow disk writes keep the snapshot in flight when the sandbox is removed.
+    let slow = ResourceLimits { io_bps: Some(4 << 20), ..Default::default() };
+    let child = controller().branch(&source, &BranchOptions { count: 1, limits: slow }).unwrap().children[0].id.clone();
+    controller().destroy(&source).unwrap();
+    let started = controller().snapshot(&child, &SnapshotOptions { tag: Some(tag("orphan")), ..Default::default() });
+    let started = started.unwrap();
+    assert!(!started.durable);
+    controller().destroy(&child).unwrap();
+    assert!(writer_pid(&started.id).is_none(), "the writer outlived the removal");
+    let info = controller().snapshot_info(&started.id).expect("the snapshot survived its sandbox's removal");
+    let restored = restore(&info.id);
+    assert_eq!(sh_ok(&restored, "echo back"), "back");
+    controller().destroy(&restored).unwrap();
+    controller().remove_snapshot(&started.id, true).unwrap();
+}
